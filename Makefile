@@ -1,0 +1,32 @@
+# The two commands: `make demo` (set up, run the main job on the bundled sample) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TMP := $(CURDIR)/.tmp
+export PREFECT_HOME ?= $(TMP)/prefect
+export DASK_TEMPORARY_DIRECTORY ?= $(TMP)/dask
+export MPLCONFIGDIR ?= $(TMP)/matplotlib
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m geoseg demo --out out/demo
+
+test: setup
+	$(PY) -m ruff check geoseg flows bench tests
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check geoseg flows bench tests
+
+clean:
+	rm -rf $(TMP) out .pytest_cache

@@ -1,0 +1,46 @@
+"""geoseg: satellite imagery to land-cover maps, tiled, seam-free and distributed."""
+
+from geoseg.config import ClassSchema, ModelConfig, PredictConfig, TrainConfig, load_config
+from geoseg.errors import (
+    BandMismatchError,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    GeosegError,
+    InvalidSceneError,
+    OutputExistsError,
+    SceneNotFoundError,
+    VectorExportError,
+    WeightsNotFoundError,
+)
+from geoseg.raster import SceneInfo, band_stats, open_scene, read_window, resolve_bands
+from geoseg.tiling import Block, Box, TileGrid, align_block_size, context_margin, plan_blocks
+
+__all__ = [
+    "BandMismatchError",
+    "Block",
+    "Box",
+    "CheckpointError",
+    "ClassSchema",
+    "ConfigError",
+    "DatasetError",
+    "GeosegError",
+    "InvalidSceneError",
+    "ModelConfig",
+    "OutputExistsError",
+    "PredictConfig",
+    "SceneInfo",
+    "SceneNotFoundError",
+    "TileGrid",
+    "TrainConfig",
+    "VectorExportError",
+    "WeightsNotFoundError",
+    "align_block_size",
+    "band_stats",
+    "context_margin",
+    "load_config",
+    "open_scene",
+    "plan_blocks",
+    "read_window",
+    "resolve_bands",
+]

@@ -1,0 +1,254 @@
+"""Validated settings: pydantic models loaded from YAML files under ``configs/``.
+
+Each kind of file has one model: ``configs/models`` → :class:`ModelConfig`, ``configs/predict`` →
+:class:`PredictConfig`, ``configs/train`` → :class:`TrainConfig`, ``configs/classes`` →
+:class:`ClassSchema`. :func:`load_config` turns any validation failure into a :class:`ConfigError`
+that names the file, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import ConfigError
+
+Arch = Literal["deeplabv3", "fcn", "unet", "tiny"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+
+#: Which backbones each architecture accepts.
+BACKBONES: dict[str, tuple[str, ...]] = {
+    "deeplabv3": ("resnet50", "resnet101", "mobilenet_v3_large"),
+    "fcn": ("resnet50", "resnet101"),
+    "unet": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "tiny": ("none",),  # a small plain CNN: the stand-in for fast CPU tests and memory benchmarks
+}
+
+_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Settings):
+    """Which network to build and at which tile size."""
+
+    arch: Arch = "deeplabv3"
+    backbone: Backbone = "resnet50"
+    output_stride: Literal[8, 16] = 16
+    tile_size: int = Field(640, ge=32, le=4096, description="model tile side in pixels, a multiple of 32")
+    pretrained: bool = False
+
+    @field_validator("tile_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"tile_size must be a multiple of 32 (e.g. 320, 640, 1024), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _backbone_fits_arch(self) -> ModelConfig:
+        allowed = BACKBONES[self.arch]
+        if self.backbone not in allowed:
+            raise ValueError(f"backbone {self.backbone!r} is not available for {self.arch}; use one of {allowed}")
+        return self
+
+
+class ClassDef(_Settings):
+    """One land-cover class: its id in the class raster, name and display colour."""
+
+    id: int = Field(ge=0, le=254)
+    name: str = Field(min_length=1)
+    color: str = Field(description="'#rrggbb'")
+
+    @field_validator("color")
+    @classmethod
+    def _hex_colour(cls, v: str) -> str:
+        if not _HEX.match(v):
+            raise ValueError(f"color must look like '#1a2b3c', got {v!r}")
+        return v.lower()
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        """The colour as an (r, g, b) tuple of 0-255 ints."""
+        return tuple(int(self.color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+class ClassSchema(_Settings):
+    """The classes a model predicts, in output-channel order."""
+
+    name: str
+    classes: tuple[ClassDef, ...] = Field(min_length=2)
+    ignore_index: int = Field(255, ge=0, le=255, description="label value that is not trained on")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ClassSchema:
+        ids = [c.id for c in self.classes]
+        names = [c.name for c in self.classes]
+        if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+            raise ValueError(f"class ids and names must be unique, got ids {ids} and names {names}")
+        if self.ignore_index in ids:
+            raise ValueError(f"ignore_index {self.ignore_index} is also a class id")
+        return self
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """Class ids in output-channel order."""
+        return tuple(c.id for c in self.classes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Class names in output-channel order."""
+        return tuple(c.name for c in self.classes)
+
+
+class PredictConfig(_Settings):
+    """How to run inference over a scene."""
+
+    tile_size: int | None = Field(None, ge=32, le=4096, description="None: the checkpoint's tile size")
+    block_size: int = Field(2048, ge=64, description="block core side; rounded down to the tile stride")
+    batch_size: int = Field(8, ge=1)
+    scales: tuple[float, ...] = Field((1.0,), min_length=1)
+    flip: bool = False
+    device: Device = "auto"
+    workers: int = Field(1, ge=1, description="local Dask worker processes (or GPUs with dask-cuda)")
+    scheduler: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    probabilities: bool = Field(False, description="also store per-class probabilities in the Zarr store")
+    vectorize: bool = True
+    vector_format: Literal["gpkg", "shp", "parquet"] = "gpkg"
+    min_area: float | None = Field(None, ge=0, description="minimum mapping unit in m² (None: keep every region)")
+    simplify: float | None = Field(None, ge=0, description="simplification tolerance in metres")
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 or s > 4 for s in v):
+            raise ValueError(f"scales must lie in (0, 4], got {v}")
+        return v
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_multiple_of_32(cls, v: int | None) -> int | None:
+        if v is not None and v % 32:
+            raise ValueError(f"tile_size must be a multiple of 32 (e.g. 320, 640, 1024), got {v}")
+        return v
+
+
+class DataConfig(_Settings):
+    """Where the labelled training data lives and how it is laid out."""
+
+    kind: Literal["tiles", "scene_raster", "scene_vector"]
+    images: str = Field(description="folder of image tiles (tiles) or the scene GeoTIFF")
+    labels: str = Field(description="folder of mask tiles, label raster, or vector file")
+    label_field: str = Field("id", description="attribute holding the class id (scene_vector)")
+    classes: str = Field(description="path of a class schema YAML under configs/classes/")
+
+
+class TrainConfig(_Settings):
+    """How to train one model (or, with ``compare``, several) on one split."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    compare: tuple[ModelConfig, ...] = ()
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+    accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
+    amp: bool = True
+    class_weights: bool = False
+    early_stopping: int | None = Field(10, ge=1, description="epochs without val mIoU gain before stopping")
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_block: int = Field(64, ge=8, description="side of the spatial blocks a scene is split by")
+    tiles_per_epoch: int = Field(256, ge=1)
+    seed: int = 0
+    device: Device = "auto"
+    out_dir: str = "runs/train"
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(v) - 1) > 1e-6 or min(v) < 0:
+            raise ValueError(f"split fractions (train, val, test) must be >= 0 and sum to 1, got {v}")
+        return v
+
+
+#: Folder under configs/ → the model that validates its files.
+KINDS: dict[str, type[_Settings]] = {
+    "models": ModelConfig,
+    "predict": PredictConfig,
+    "train": TrainConfig,
+    "classes": ClassSchema,
+}
+
+S = TypeVar("S", bound=_Settings)
+
+
+def _allowed(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """Describe the keys allowed at ``loc`` (the parent of an unknown key)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif inner:
+            model = inner[0]
+        elif isinstance(part, int):
+            continue
+        else:
+            return ""
+    return ", ".join(model.model_fields)
+
+
+def _format(path: str, model: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed keys: {_allowed(model, e['loc'])}"
+        lines.append(f"{path}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[S], data: dict[str, Any], *, source: str = "<settings>") -> S:
+    """Validate ``data`` against ``model``, raising :class:`ConfigError` that names ``source``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(source, model, err)) from None
+
+
+def load_config(path: str | Path, model: type[S] | None = None) -> S:
+    """Load and validate one YAML settings file.
+
+    Args:
+        path: the YAML file.
+        model: the settings model; when omitted it is chosen from the folder name
+            (``models``, ``predict``, ``train`` or ``classes``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: settings file not found")
+    if model is None:
+        kind = path.parent.name
+        if kind not in KINDS:
+            raise ConfigError(f"{path}: cannot tell the kind of settings; put it under configs/{{{','.join(KINDS)}}}/")
+        model = KINDS[kind]  # type: ignore[assignment]
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return validate(model, data, source=str(path))  # type: ignore[arg-type]

@@ -1,0 +1,47 @@
+"""The one root error of geoseg and its subclasses.
+
+Every subclass also inherits the matching built-in exception, so callers can catch either
+``GeosegError`` or e.g. ``FileNotFoundError``. Messages say what is wrong, where, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class GeosegError(Exception):
+    """Root of every error geoseg raises on purpose."""
+
+
+class ConfigError(GeosegError, ValueError):
+    """A settings file or option is invalid."""
+
+
+class SceneNotFoundError(GeosegError, FileNotFoundError):
+    """An input file does not exist."""
+
+
+class InvalidSceneError(GeosegError, ValueError):
+    """A scene cannot be used: not a raster, corrupt, no CRS, bad transform, bad dtype, no valid pixel."""
+
+
+class BandMismatchError(GeosegError, ValueError):
+    """The scene's bands do not match what the model or the request expects."""
+
+
+class CheckpointError(GeosegError, ValueError):
+    """A checkpoint is missing, unreadable, unsafe or inconsistent."""
+
+
+class WeightsNotFoundError(GeosegError, FileNotFoundError):
+    """Pretrained weights were asked for but no local file holds them."""
+
+
+class OutputExistsError(GeosegError, FileExistsError):
+    """An output already exists and overwriting was not allowed."""
+
+
+class DatasetError(GeosegError, ValueError):
+    """Training data or labels are invalid."""
+
+
+class VectorExportError(GeosegError, ValueError):
+    """Polygons cannot be written in the requested format."""

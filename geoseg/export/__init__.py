@@ -1,0 +1,1 @@
+"""Writers for finished outputs: Cloud-Optimized GeoTIFFs and polygon files."""

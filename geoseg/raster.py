@@ -1,0 +1,277 @@
+"""Open and validate scenes, windowed reads with padding and a validity mask, band statistics.
+
+A *scene* is one georeferenced raster (GeoTIFF or anything GDAL reads). :func:`open_scene` checks
+everything later stages rely on before any work starts, and raises an :class:`InvalidSceneError`
+(or :class:`SceneNotFoundError`) naming the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.errors import BandMismatchError, InvalidSceneError, SceneNotFoundError
+from geoseg.tiling import Box
+
+log = logging.getLogger(__name__)
+
+#: Pixel types geoseg reads; complex and 64-bit integers are refused.
+SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What geoseg needs to know about a scene, read once from its header."""
+
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: CRS
+    transform: Affine
+    nodata: float | None
+    band_names: tuple[str, ...]
+    block_shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.height, self.width
+
+    @property
+    def pixel_area(self) -> float:
+        """Area of one pixel in CRS units squared (m² for projected CRSs)."""
+        return abs(self.transform.a * self.transform.e)
+
+
+def _fail(path: Path, what: str, fix: str) -> InvalidSceneError:
+    return InvalidSceneError(f"{path}: {what}. {fix}")
+
+
+def open_scene(path: str | Path) -> SceneInfo:
+    """Open ``path`` and validate it as a scene.
+
+    Checks that the file exists and is a raster GDAL can read to its last block, has a CRS and a
+    north-up geotransform, and a supported pixel type.
+
+    Raises:
+        SceneNotFoundError: the file does not exist.
+        InvalidSceneError: the file is not a usable scene; the message says why and what to do.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SceneNotFoundError(f"{path}: no such file. Check the path (relative paths start at {Path.cwd()}).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except RasterioIOError as err:
+        raise _fail(path, f"not a raster GDAL can read ({err})", "Pass a GeoTIFF or another GDAL raster.") from None
+    with src:
+        if src.dtypes[0] not in SUPPORTED_DTYPES:
+            raise _fail(path, f"pixel type {src.dtypes[0]} is not supported",
+                        f"Convert it to one of {', '.join(SUPPORTED_DTYPES)} (e.g. gdal_translate -ot Float32).")
+        if src.crs is None:
+            raise _fail(path, "has no CRS", "Assign one, e.g. `gdal_edit.py -a_srs EPSG:32633 FILE`.")
+        t = src.transform
+        if t == Affine.identity() and not src.gcps[0]:
+            raise _fail(path, "has no geotransform (pixel coordinates only)",
+                        "Georeference it, e.g. `gdal_edit.py -a_ullr ulx uly lrx lry FILE`.")
+        if t.b != 0 or t.d != 0:
+            raise _fail(path, f"has a rotated or sheared geotransform {tuple(t)[:6]}",
+                        "Warp it north-up first, e.g. `gdalwarp FILE north_up.tif`.")
+        _check_readable(src, path)
+        return SceneInfo(
+            path=path,
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=src.dtypes[0],
+            crs=src.crs,
+            transform=t,
+            nodata=src.nodata,
+            band_names=tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions)),
+            block_shapes=tuple(tuple(b) for b in src.block_shapes),
+        )
+
+
+def _check_readable(src: rasterio.DatasetReader, path: Path) -> None:
+    """Read the first and last internal block so a truncated or corrupt file fails now, not mid-run."""
+    bh, bw = src.block_shapes[0]
+    corners = [Window(0, 0, min(bw, src.width), min(bh, src.height))]
+    last_row = (src.height - 1) // bh * bh
+    last_col = (src.width - 1) // bw * bw
+    corners.append(Window(last_col, last_row, src.width - last_col, src.height - last_row))
+    try:
+        for w in corners:
+            src.read(window=w)
+    except RasterioIOError as err:
+        raise _fail(path, f"is corrupt or truncated ({err})", "Re-download or re-export the file.") from None
+
+
+def resolve_bands(scene: SceneInfo, bands: Sequence[int | str] | None) -> tuple[int, ...]:
+    """Turn band names or 1-based indexes into 1-based indexes; ``None`` means all bands.
+
+    Raises:
+        BandMismatchError: an index is out of range or a name is not a band description.
+    """
+    if bands is None:
+        return tuple(range(1, scene.count + 1))
+    out = []
+    for b in bands:
+        if isinstance(b, str) and not b.isdigit():
+            if b not in scene.band_names:
+                raise BandMismatchError(f"{scene.path}: no band named {b!r}; bands are {list(scene.band_names)}")
+            out.append(scene.band_names.index(b) + 1)
+        else:
+            i = int(b)
+            if not 1 <= i <= scene.count:
+                raise BandMismatchError(f"{scene.path}: band {i} out of range; the scene has bands 1..{scene.count}")
+            out.append(i)
+    return tuple(out)
+
+
+def check_bands(scene: SceneInfo, expected: Sequence[str]) -> tuple[int, ...]:
+    """Match the scene's bands to a model's expected band names, by name, else by count.
+
+    Returns the 1-based band indexes in the model's order.
+
+    Raises:
+        BandMismatchError: the scene lacks bands the model needs, or has a different count.
+    """
+    expected = list(expected)
+    if all(name in scene.band_names for name in expected):
+        return tuple(scene.band_names.index(name) + 1 for name in expected)
+    named = [n for n in scene.band_names if not n.startswith("band_")]
+    if named and scene.count == len(expected):
+        raise BandMismatchError(
+            f"{scene.path}: band names {list(scene.band_names)} do not match the model's {expected}. "
+            "Reorder or rename the bands (band descriptions), or pass --bands in the model's order."
+        )
+    if scene.count != len(expected):
+        raise BandMismatchError(
+            f"{scene.path}: has {scene.count} bands but the model expects {len(expected)} ({expected}). "
+            "Use a scene with the model's bands, or a model trained on this sensor."
+        )
+    return tuple(range(1, scene.count + 1))
+
+
+def _reflect(start: int, stop: int, n: int) -> np.ndarray:
+    """Indices ``start..stop-1`` mirrored into ``[0, n)`` about the scene edges (numpy ``reflect``)."""
+    idx = np.arange(start, stop)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def read_window(
+    src: rasterio.DatasetReader,
+    box: Box,
+    *,
+    bands: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``box`` (scene pixel coordinates, may reach past the edges) as float32 with a validity mask.
+
+    Pixels outside the scene are filled by mirroring the scene about its edges (numpy's ``reflect``
+    applied to the whole scene), so the values never depend on which window asked for them; they are
+    marked invalid. A pixel is valid when every band is valid per GDAL's mask (nodata value, alpha or
+    mask band) and finite (NaN counts as invalid).
+
+    Returns:
+        ``(data, valid)``: ``data`` is (bands, h, w) float32, ``valid`` is (h, w) bool.
+    """
+    bands = list(bands or range(1, src.count + 1))
+    if box.intersection(Box(0, 0, src.height, src.width)) is None:
+        raise ValueError(f"{box} lies wholly outside the {src.height}x{src.width} scene")
+    rows = _reflect(box.y0, box.y1, src.height)
+    cols = _reflect(box.x0, box.x1, src.width)
+    r0, c0 = int(rows.min()), int(cols.min())
+    window = Window(c0, r0, int(cols.max()) - c0 + 1, int(rows.max()) - r0 + 1)
+    data = src.read(bands, window=window, out_dtype="float32")
+    valid = np.all(src.read_masks(bands, window=window) > 0, axis=0)
+    finite = np.isfinite(data)
+    if not finite.all():
+        valid &= finite.all(axis=0)
+        data[~finite] = 0.0
+    inside = box.intersection(Box(0, 0, src.height, src.width))
+    if (rows.size, cols.size) != (window.height, window.width) or inside != box:
+        data = data[:, rows - r0][:, :, cols - c0]
+        valid = valid[rows - r0][:, cols - c0]
+        outside = np.ones(box.shape, dtype=bool)
+        outside[inside.relative_to(box)] = False
+        valid[outside] = False
+    return data, valid
+
+
+def band_stats(
+    scene: SceneInfo,
+    *,
+    bands: Sequence[int] | None = None,
+    windows: int = 64,
+    window_size: int = 256,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and standard deviation of valid pixels, from a seeded sample of windows.
+
+    Reads at most ``windows`` windows of ``window_size``² pixels, never the whole scene (unless the
+    scene is smaller than that).
+
+    Raises:
+        InvalidSceneError: no sampled pixel is valid and a coarse whole-scene mask finds none either.
+    """
+    bands = list(bands or range(1, scene.count + 1))
+    rng = np.random.default_rng(seed)
+    h, w = min(window_size, scene.height), min(window_size, scene.width)
+    total = np.zeros(len(bands))
+    total_sq = np.zeros(len(bands))
+    n = 0
+    with rasterio.open(scene.path) as src:
+        for _ in range(windows if (h, w) != scene.shape else 1):
+            y = int(rng.integers(0, scene.height - h + 1))
+            x = int(rng.integers(0, scene.width - w + 1))
+            data, valid = read_window(src, Box(y, x, y + h, x + w), bands=bands)
+            px = data[:, valid].astype(np.float64)
+            total += px.sum(axis=1)
+            total_sq += (px**2).sum(axis=1)
+            n += px.shape[1]
+        if n == 0:
+            _require_some_valid(src, scene)
+            raise InvalidSceneError(
+                f"{scene.path}: no valid pixel in {windows} sampled windows; band statistics need valid pixels. "
+                "Pass more windows, or normalisation values from the checkpoint."
+            )
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def _require_some_valid(src: rasterio.DatasetReader, scene: SceneInfo) -> None:
+    """Raise if a coarse (at most 1024² px) read of the masks finds no valid pixel at all."""
+    scale = max(1, int(np.ceil(max(scene.shape) / 1024)))
+    shape = (max(1, scene.height // scale), max(1, scene.width // scale))
+    masks = src.read_masks(out_shape=(src.count, *shape))
+    data = src.read(out_shape=(src.count, *shape), out_dtype="float32")
+    if not (np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)).any():
+        raise InvalidSceneError(
+            f"{scene.path}: every pixel is invalid (nodata, masked or NaN); there is nothing to classify. "
+            "Check the nodata value (`gdalinfo`) or pick another scene."
+        )
+
+
+def require_valid_pixels(scene: SceneInfo) -> None:
+    """Raise :class:`InvalidSceneError` if the scene has no valid pixel (checked on a coarse mask)."""
+    with rasterio.open(scene.path) as src:
+        _require_some_valid(src, scene)

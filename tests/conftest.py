@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny seeded GeoTIFFs with a real CRS, written on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+NC_SCENE = DATA / "nc-landsat-lulc" / "lsat7_2000_6band.tif"
+
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".tmp" / "prefect"))
+os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(ROOT / ".tmp" / "dask"))
+
+
+def write_geotiff(
+    path: Path,
+    data: np.ndarray,
+    *,
+    crs: str | None = "EPSG:32633",
+    transform=None,
+    nodata: float | None = None,
+    band_names: list[str] | None = None,
+    blocksize: int | None = None,
+) -> Path:
+    """Write ``data`` (bands, h, w) as a GeoTIFF with a real CRS and a 10 m north-up transform."""
+    if data.ndim == 2:
+        data = data[None]
+    count, h, w = data.shape
+    profile = dict(
+        driver="GTiff", width=w, height=h, count=count, dtype=data.dtype.name, crs=crs, nodata=nodata,
+        transform=transform if transform is not None else from_origin(500000.0, 4600000.0, 10.0, 10.0),
+    )
+    if blocksize:
+        profile.update(tiled=True, blockxsize=blocksize, blockysize=blocksize)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for i, name in enumerate(band_names or []):
+            dst.set_band_description(i + 1, name)
+    return path
+
+
+def random_scene(shape: tuple[int, int, int], dtype: str, seed: int = 0) -> np.ndarray:
+    """Seeded, spatially smooth-ish random bands in the range of ``dtype``."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    base = rng.random((c, h, w)).cumsum(axis=1).cumsum(axis=2)
+    base = (base - base.min()) / (np.ptp(base) + 1e-9)
+    base = 0.7 * base + 0.3 * rng.random((c, h, w))
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        return (base * np.iinfo(dtype).max * 0.9).astype(dtype)
+    return base.astype(dtype)
+
+
+@pytest.fixture
+def make_scene(tmp_path):
+    """Factory: ``make_scene(shape=(3, 37, 53), dtype='uint8', crs=..., nodata=..., name=...)``."""
+
+    def _make(shape=(3, 37, 53), dtype="uint8", *, crs="EPSG:32633", nodata=None, seed=0, name=None, **kw):
+        path = tmp_path / (name or f"scene_{shape[0]}b_{dtype}_{seed}.tif")
+        return write_geotiff(path, random_scene(shape, dtype, seed), crs=crs, nodata=nodata, **kw)
+
+    return _make
+
+
+@pytest.fixture
+def utm_uint16(tmp_path):
+    """4-band uint16 scene in UTM 33N with nodata 0 in its top-left corner, odd size."""
+    data = random_scene((4, 61, 47), "uint16", seed=1)
+    data[:, :5, :7] = 0
+    return write_geotiff(tmp_path / "utm_uint16.tif", data, nodata=0, blocksize=16)
+
+
+@pytest.fixture
+def wgs84_float_nan(tmp_path):
+    """13-band float32 scene in EPSG:4326 with a NaN hole and no nodata value."""
+    data = random_scene((13, 29, 31), "float32", seed=2)
+    data[:, 10:14, 10:15] = np.nan
+    return write_geotiff(
+        tmp_path / "wgs84_float.tif", data, crs="EPSG:4326", transform=from_origin(5.0, 45.0, 0.001, 0.001)
+    )
+
+
+@pytest.fixture
+def rgb_uint8(tmp_path):
+    """3-band uint8 scene with named bands, 40x33."""
+    return write_geotiff(
+        tmp_path / "rgb.tif", random_scene((3, 40, 33), "uint8", seed=3), band_names=["red", "green", "blue"]
+    )

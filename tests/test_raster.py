@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import rasterio
+from conftest import NC_SCENE, random_scene, write_geotiff
+from rasterio.transform import Affine
+
+from geoseg.errors import BandMismatchError, GeosegError, InvalidSceneError, SceneNotFoundError
+from geoseg.raster import band_stats, check_bands, open_scene, read_window, require_valid_pixels, resolve_bands
+from geoseg.tiling import Box
+
+
+def test_open_real_sample():
+    s = open_scene(NC_SCENE)
+    assert (s.width, s.height, s.count, s.dtype) == (489, 443, 6, "uint8")
+    assert s.band_names == ("blue", "green", "red", "nir", "swir1", "swir2")
+    assert s.transform.a == 28.5 and s.crs.is_projected and s.nodata == 0
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+@pytest.mark.parametrize("bands", [3, 4, 13])
+def test_open_generated(make_scene, dtype, bands):
+    s = open_scene(make_scene((bands, 23, 19), dtype))
+    assert (s.count, s.dtype, s.height, s.width) == (bands, dtype, 23, 19)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SceneNotFoundError, match="no such file"):
+        open_scene(tmp_path / "nope.tif")
+    with pytest.raises(FileNotFoundError):
+        open_scene(tmp_path / "nope.tif")
+
+
+def test_not_a_raster(tmp_path):
+    p = tmp_path / "notes.tif"
+    p.write_text("hello, I am not a GeoTIFF")
+    with pytest.raises(InvalidSceneError, match="not a raster"):
+        open_scene(p)
+
+
+def test_truncated(tmp_path):
+    p = write_geotiff(tmp_path / "full.tif", random_scene((3, 300, 300), "uint16"), blocksize=64)
+    data = p.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InvalidSceneError, match="corrupt or truncated") as e:
+        open_scene(cut)
+    assert str(cut) in str(e.value)
+
+
+def test_no_crs(tmp_path):
+    p = write_geotiff(tmp_path / "nocrs.tif", random_scene((3, 10, 10), "uint8"), crs=None)
+    with pytest.raises(InvalidSceneError, match="no CRS"):
+        open_scene(p)
+
+
+def test_no_geotransform(tmp_path):
+    p = write_geotiff(tmp_path / "nogt.tif", random_scene((3, 10, 10), "uint8"), transform=Affine.identity())
+    with pytest.raises(InvalidSceneError, match="no geotransform"):
+        open_scene(p)
+
+
+def test_rotated(tmp_path):
+    t = Affine(10, 2, 500000, 1, -10, 4600000)
+    p = write_geotiff(tmp_path / "rot.tif", random_scene((3, 10, 10), "uint8"), transform=t)
+    with pytest.raises(InvalidSceneError, match="rotated or sheared"):
+        open_scene(p)
+
+
+def test_unsupported_dtype(tmp_path):
+    p = write_geotiff(tmp_path / "c.tif", (np.ones((1, 5, 5)) * (1 + 1j)).astype("complex64"))
+    with pytest.raises(InvalidSceneError, match="complex64"):
+        open_scene(p)
+
+
+def test_all_invalid(tmp_path):
+    p = write_geotiff(tmp_path / "empty.tif", np.zeros((3, 20, 20), "uint8"), nodata=0)
+    s = open_scene(p)
+    with pytest.raises(InvalidSceneError, match="every pixel is invalid"):
+        band_stats(s)
+    with pytest.raises(InvalidSceneError, match="every pixel is invalid"):
+        require_valid_pixels(s)
+
+
+def test_bands_by_name_and_index(rgb_uint8):
+    s = open_scene(rgb_uint8)
+    assert resolve_bands(s, ["blue", "red"]) == (3, 1)
+    assert resolve_bands(s, [2, "3"]) == (2, 3)
+    assert resolve_bands(s, None) == (1, 2, 3)
+    with pytest.raises(BandMismatchError, match="nir"):
+        resolve_bands(s, ["nir"])
+    with pytest.raises(BandMismatchError, match="1..3"):
+        resolve_bands(s, [4])
+
+
+def test_check_bands_order_and_count(rgb_uint8, utm_uint16):
+    s = open_scene(rgb_uint8)
+    assert check_bands(s, ["blue", "green", "red"]) == (3, 2, 1)
+    with pytest.raises(BandMismatchError, match="do not match"):
+        check_bands(s, ["a", "b", "c"])
+    with pytest.raises(BandMismatchError, match="expects 6"):
+        check_bands(open_scene(utm_uint16), list("abcdef"))
+    assert check_bands(open_scene(utm_uint16), list("abcd")) == (1, 2, 3, 4)
+
+
+def test_read_window_padding_and_mask(utm_uint16):
+    s = open_scene(utm_uint16)
+    with rasterio.open(s.path) as src:
+        full = src.read().astype(np.float32)
+        data, valid = read_window(src, Box(-3, -2, 10, 12))
+    assert data.shape == (4, 13, 14) and valid.shape == (13, 14)
+    np.testing.assert_array_equal(data[:, 3:, 2:], full[:, :10, :12])
+    np.testing.assert_array_equal(data[:, 2, 2:], full[:, 1, :12])  # mirrored about the top edge
+    assert not valid[:3].any() and not valid[:, :2].any()
+    assert not valid[3:8, 2:9].any()  # nodata corner (rows 0-4, cols 0-6)
+    assert valid[8:, 9:].all()
+
+
+def test_read_window_nan_is_invalid(wgs84_float_nan):
+    with rasterio.open(wgs84_float_nan) as src:
+        data, valid = read_window(src, Box(0, 0, 29, 31))
+    assert not valid[10:14, 10:15].any() and valid.sum() == 29 * 31 - 20
+    assert np.isfinite(data).all()
+
+
+def test_band_stats_match_numpy_on_small_scene(utm_uint16):
+    s = open_scene(utm_uint16)
+    mean, std = band_stats(s)
+    with rasterio.open(s.path) as src:
+        a = src.read().astype(np.float64)
+    ok = (a != 0).all(axis=0)
+    np.testing.assert_allclose(mean, a[:, ok].mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(std, a[:, ok].std(axis=1), rtol=1e-4)
+
+
+def test_band_stats_sample_windows_only(tmp_path):
+    p = write_geotiff(tmp_path / "big.tif", random_scene((2, 600, 700), "uint16", seed=4), blocksize=128)
+    mean, std = band_stats(open_scene(p), windows=4, window_size=64)
+    assert mean.shape == (2,) and (std > 0).all()
+
+
+def test_errors_share_root(tmp_path):
+    with pytest.raises(GeosegError):
+        open_scene(tmp_path / "missing.tif")
+
+
+@pytest.mark.parametrize("box", [Box(-40, -3, 5, 90), Box(50, 30, 130, 60), Box(-7, -7, 68, 54), Box(3, 4, 9, 11)])
+def test_read_window_equals_whole_scene_reflect(utm_uint16, box):
+    with rasterio.open(utm_uint16) as src:
+        full = src.read().astype(np.float32)
+        data, valid = read_window(src, box)
+    pad = 200
+    ref = np.pad(full, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    np.testing.assert_array_equal(data, ref[:, box.y0 + pad:box.y1 + pad, box.x0 + pad:box.x1 + pad])
+    inside = box.intersection(Box(0, 0, 61, 47))
+    assert valid.sum() <= inside.height * inside.width

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geoseg.tiling import Box, TileGrid, align_block_size, context_margin, plan_blocks
+
+grids = st.builds(
+    lambda h, w, t, q, bs: (TileGrid(h, w, t, (t // 4) * q // 4 // 4 * 4), bs),
+    st.integers(1, 300), st.integers(1, 300), st.sampled_from([16, 32, 64]), st.integers(0, 4),
+    st.integers(1, 200),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids)
+def test_cores_cover_every_pixel_exactly_once(args):
+    grid, block_size = args
+    count = np.zeros((grid.height, grid.width), dtype=np.int32)
+    for b in plan_blocks(grid, block_size):
+        count[b.core.y0:b.core.y1, b.core.x0:b.core.x1] += 1
+    assert (count == 1).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids)
+def test_tiles_lie_in_read_box_and_cover_core_with_full_context(args):
+    grid, block_size = args
+    m = grid.margin
+    for b in plan_blocks(grid, block_size):
+        read = b.read
+        assert read.intersection(b.core) == b.core
+        inner = np.zeros(b.core.shape, dtype=bool)
+        for t in b.tiles:
+            assert t.shape == (grid.tile, grid.tile)
+            assert read.intersection(t) == t
+            # the inner part of the tile, `margin` away from its edges, may be outside the core
+            centre = Box(t.y0 + m, t.x0 + m, t.y1 - m, t.x1 - m).intersection(b.core)
+            if centre:
+                inner[centre.relative_to(b.core)] = True
+        assert inner.all(), "some core pixel is not in any tile's full-context part"
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids)
+def test_block_tiles_are_exactly_the_scene_tiles_touching_the_core(args):
+    grid, block_size = args
+    scene = set(grid.tiles_touching(Box(0, 0, grid.height, grid.width)))
+    assert len(scene) == grid.rows * grid.cols
+    for b in plan_blocks(grid, block_size):
+        expected = {t for t in scene if t.intersection(b.core)}
+        assert set(b.tiles) == expected
+
+
+@settings(max_examples=50, deadline=None)
+@given(grids)
+def test_plan_is_deterministic_and_row_major(args):
+    grid, block_size = args
+    a, b = plan_blocks(grid, block_size), plan_blocks(grid, block_size)
+    assert a == b
+    keys = [(blk.row, blk.col) for blk in a]
+    assert keys == sorted(keys)
+    for blk in a:
+        assert list(blk.tiles) == sorted(blk.tiles)
+
+
+def test_small_raster_one_tile():
+    grid = TileGrid(5, 7, 64, 16)
+    (block,) = plan_blocks(grid, 2048)
+    assert block.core == Box(0, 0, 5, 7)
+    assert block.tiles == (Box(-16, -16, 48, 48),)
+
+
+def test_context_margin_formula():
+    assert context_margin(640, 16) == 160  # no finite receptive field -> a quarter tile
+    assert context_margin(640, 16, receptive_field=15) == 16  # ceil(7.5/16)*16
+    assert context_margin(64, 1, receptive_field=15) == 8
+    assert context_margin(64, 1, receptive_field=1000) == 16
+    with pytest.raises(ValueError):
+        context_margin(100, 16)
+
+
+def test_align_block_size_to_stride():
+    grid = TileGrid(1000, 1000, 640, 160)
+    assert grid.stride == 320
+    assert align_block_size(2048, grid) == 1920
+    assert align_block_size(100, grid) == 320
+
+
+def test_halo_is_reach_beyond_core():
+    grid = TileGrid(1000, 1000, 64, 16)
+    blocks = plan_blocks(grid, align_block_size(100, grid))
+    inner = [b for b in blocks if b.row == 1 and b.col == 1][0]
+    assert inner.halo == 16 + 32  # tiles start `margin` before a stride boundary and reach one tile past it
+
+
+def test_box_rejects_empty():
+    with pytest.raises(ValueError):
+        Box(0, 0, 0, 5)
