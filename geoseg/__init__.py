@@ -1,5 +1,7 @@
 """geoseg: satellite imagery to land-cover maps, tiled, seam-free and distributed."""
 
+__version__ = "0.1.0"
+
 from geoseg.config import ClassSchema, ModelConfig, PredictConfig, TrainConfig, load_config
 from geoseg.errors import (
     BandMismatchError,

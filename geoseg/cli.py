@@ -32,6 +32,65 @@ def info(scene: Path = typer.Argument(..., help="GeoTIFF to inspect")) -> None:
     typer.echo(f"  CRS {s.crs.to_string()}, pixel {s.transform.a:g} x {-s.transform.e:g}, nodata {s.nodata}")
 
 
+def _parse_scales(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers like 0.75,1,1.25, got {text!r}") from None
+
+
+@app.command()
+def predict(
+    scene: Path = typer.Argument(..., help="input GeoTIFF"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="geoseg checkpoint (.pt)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    config: Path | None = typer.Option(None, "--config", help="predict settings YAML (configs/predict/)"),
+    tile: int | None = typer.Option(None, "--tile", help="tile size in px (default: the checkpoint's)"),
+    scales: str | None = typer.Option(None, "--scales", help="multi-scale factors, e.g. 0.75,1,1.25"),
+    flip: bool | None = typer.Option(None, "--flip/--no-flip", help="average with left-right flipped tiles"),
+    block_size: int | None = typer.Option(None, "--block-size", help="block core side in px"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="tiles per forward pass"),
+    workers: int | None = typer.Option(None, "--workers", help="local Dask worker processes"),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="existing Dask scheduler, tcp://host:8786"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda"),
+    vectorize: bool | None = typer.Option(None, "--vectorize/--no-vectorize", help="also write polygons"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace outputs of another run in --out"),
+) -> None:
+    """Classify a scene: class map and confidence COGs, polygons, Zarr store and summary in --out."""
+    from tqdm import tqdm
+
+    from geoseg.cluster import dask_client
+    from geoseg.config import PredictConfig, settings_with_overrides
+    from geoseg.pipeline import predict_raster
+
+    cfg = settings_with_overrides(
+        PredictConfig, config, tile_size=tile, scales=_parse_scales(scales), flip=flip,
+        block_size=block_size, batch_size=batch_size, workers=workers, scheduler=scheduler, device=device,
+        vectorize=vectorize,
+    )
+    with tqdm(total=0, unit="block", desc="blocks", disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        if cfg.workers == 1 and not cfg.scheduler:  # no cluster: blocks run in this process
+            result = predict_raster(scene, checkpoint, out, config=cfg, overwrite=overwrite, progress=progress)
+        else:
+            with dask_client(
+                workers=cfg.workers, scheduler=cfg.scheduler, device=cfg.device, threads=cfg.threads
+            ) as client:
+                result = predict_raster(
+                    scene, checkpoint, out, config=cfg, client=client, overwrite=overwrite, progress=progress
+                )
+    typer.echo(f"{result.blocks_computed} blocks computed, {result.blocks_skipped} resumed; outputs:")
+    for name, path in result.outputs.items():
+        typer.echo(f"  {name:11s} {path}")
+
+
 def main() -> None:
     """Entry point: run the app, printing a GeosegError as one line (no traceback), exit code 2."""
     try:

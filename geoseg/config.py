@@ -118,7 +118,12 @@ class PredictConfig(_Settings):
     scales: tuple[float, ...] = Field((1.0,), min_length=1)
     flip: bool = False
     device: Device = "auto"
-    workers: int = Field(1, ge=1, description="local Dask worker processes (or GPUs with dask-cuda)")
+    workers: int | None = Field(
+        None, ge=1, description="local Dask worker processes; None: one per GPU, else one per CPU core"
+    )
+    threads: int = Field(
+        1, ge=1, description="torch CPU threads per worker, fixed so any worker count gives the same bytes"
+    )
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://host:8786")
     probabilities: bool = Field(False, description="also store per-class probabilities in the Zarr store")
     vectorize: bool = True
@@ -252,3 +257,15 @@ def load_config(path: str | Path, model: type[S] | None = None) -> S:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return validate(model, data, source=str(path))  # type: ignore[arg-type]
+
+
+def settings_with_overrides(
+    model: type[S], config: str | Path | dict[str, Any] | None = None, **overrides: Any
+) -> S:
+    """Settings from a YAML path, a dict or the defaults, with the non-None ``overrides`` applied."""
+    if isinstance(config, str | Path):
+        base = load_config(config, model).model_dump()
+    else:
+        base = dict(config or {})
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(model, base, source=str(config or "command-line options"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyproj
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
@@ -24,6 +25,15 @@ from geoseg.errors import BandMismatchError, InvalidSceneError, SceneNotFoundErr
 from geoseg.tiling import Box
 
 log = logging.getLogger(__name__)
+
+#: GDAL settings for every read and write geoseg does: bounded block cache, no sidecar scans.
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_NUM_THREADS": "ALL_CPUS"}
+
+
+def gdal_env() -> rasterio.Env:
+    """A ``rasterio.Env`` with :data:`GDAL_OPTIONS`; wrap file work in ``with gdal_env():``."""
+    return rasterio.Env(**GDAL_OPTIONS)
+
 
 #: Pixel types geoseg reads; complex and 64-bit integers are refused.
 SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
@@ -53,6 +63,27 @@ class SceneInfo:
     def pixel_area(self) -> float:
         """Area of one pixel in CRS units squared (m² for projected CRSs)."""
         return abs(self.transform.a * self.transform.e)
+
+
+def pixel_areas_m2(crs: CRS, transform: Affine, height: int) -> np.ndarray:
+    """Area in m² of one pixel in each of ``height`` rows (all pixels of a row share it).
+
+    Projected CRS: ``|a * e| * unit²`` (metres per CRS unit). Geographic CRS: the exact ellipsoidal
+    area of the cell, ``Δλ * (q(φ1) - q(φ2))`` with the authalic function
+    ``q(φ) = b²/2 * (sinφ / (1 - e² sin²φ) + atanh(e sinφ) / e)`` on the CRS's ellipsoid.
+    """
+    if not crs.is_geographic:
+        unit = crs.linear_units_factor[1]
+        return np.full(height, abs(transform.a * transform.e) * unit * unit)
+    ellipsoid = pyproj.CRS.from_wkt(crs.to_wkt()).ellipsoid
+    a, inv_f = ellipsoid.semi_major_metre, ellipsoid.inverse_flattening
+    f = 1 / inv_f if inv_f else 0.0
+    b, e2 = a * (1 - f), f * (2 - f)
+    e = np.sqrt(e2)
+    lat = np.radians(transform.f + np.arange(height + 1) * transform.e)
+    s = np.sin(lat)
+    q = s / (1 - e2 * s * s) + (np.arctanh(e * s) / e if e else s)
+    return np.abs(np.diff(q)) * b * b / 2 * abs(np.radians(transform.a))
 
 
 def _fail(path: Path, what: str, fix: str) -> InvalidSceneError:

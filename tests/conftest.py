@@ -92,3 +92,30 @@ def rgb_uint8(tmp_path):
     return write_geotiff(
         tmp_path / "rgb.tif", random_scene((3, 40, 33), "uint8", seed=3), band_names=["red", "green", "blue"]
     )
+
+
+def make_tiny_checkpoint(path: Path, scene: Path, *, tile: int = 64, seed: int = 0) -> Path:
+    """A seeded stand-in model (geoseg ``tiny`` arch, receptive field 15 px) for ``scene``'s bands."""
+    import torch
+
+    from geoseg.checkpoint import contract_for, save_checkpoint
+    from geoseg.config import ModelConfig, load_config
+    from geoseg.models import build_model
+    from geoseg.raster import band_stats, open_scene
+
+    info = open_scene(scene)
+    classes = load_config(ROOT / "configs" / "classes" / "nc_landcover.yaml")
+    torch.manual_seed(seed)
+    model = build_model("tiny", "none", info.count, len(classes.classes))
+    mean, std = band_stats(info)
+    contract = contract_for(
+        ModelConfig(arch="tiny", backbone="none", tile_size=tile), band_names=info.band_names,
+        mean=mean, std=std, classes=classes,
+    )
+    return save_checkpoint(path, model, contract)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Tiny stand-in checkpoint for the real NC Landsat sample (6 bands, 7 classes), tile 64."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", NC_SCENE)

@@ -1,0 +1,135 @@
+"""Zarr in the middle: the chunked store blocks write into, opened through xarray with the CRS kept.
+
+Layout (one xarray Dataset, chunks = block cores, so no two blocks write the same chunk)::
+
+    class_id     (y, x)        uint8    class id per pixel, 255 where the input was invalid
+    confidence   (y, x)        float32  blended max probability, 0 where invalid
+    probability  (class, y, x) float32  blended per-class probabilities (optional)
+    block_done   (block_row, block_col) uint8  1 once a block's core is fully written
+    spatial_ref                         CRS and GeoTransform (rioxarray / CF grid mapping)
+
+A block writes its data first and its ``block_done`` flag last, so a crash leaves the block undone
+and a resumed run redoes it. The run's fingerprint (inputs and settings) is kept in the attributes;
+resuming into a store made with another fingerprint is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+
+from geoseg.errors import OutputExistsError
+from geoseg.raster import SceneInfo
+from geoseg.stitch import CLASS_NODATA, BlockResult
+from geoseg.tiling import Block, Box
+
+FINGERPRINT_ATTR = "geoseg_fingerprint"
+
+
+def create_store(
+    path: Path,
+    scene: SceneInfo,
+    *,
+    block_size: int,
+    layout: tuple[int, int],
+    class_ids: Sequence[int],
+    class_names: Sequence[str],
+    probabilities: bool,
+    fingerprint: str,
+) -> None:
+    """Write the store's metadata and coordinates (no pixel data) to ``path``, replacing any old one."""
+    h, w = scene.shape
+    t = scene.transform
+    chunks = (min(block_size, h), min(block_size, w))
+    data_vars = {
+        "class_id": (("y", "x"), da.full((h, w), CLASS_NODATA, dtype=np.uint8, chunks=chunks)),
+        "confidence": (("y", "x"), da.zeros((h, w), dtype=np.float32, chunks=chunks)),
+        "block_done": (("block_row", "block_col"), da.zeros(layout, dtype=np.uint8, chunks=(1, 1))),
+    }
+    if probabilities:
+        k = len(class_ids)
+        data_vars["probability"] = (
+            ("class", "y", "x"), da.zeros((k, h, w), dtype=np.float32, chunks=(k, *chunks)),
+        )
+    ds = xr.Dataset(
+        data_vars,
+        coords={
+            "y": t.f + (np.arange(h) + 0.5) * t.e,
+            "x": t.c + (np.arange(w) + 0.5) * t.a,
+            "class": np.asarray(class_ids, dtype=np.uint8),
+        },
+        attrs={FINGERPRINT_ATTR: fingerprint, "block_size": block_size, "class_names": list(class_names)},
+    )
+    ds["class_id"].attrs.update(nodata=CLASS_NODATA, long_name="land-cover class id")
+    ds["confidence"].attrs.update(long_name="blended maximum class probability")
+    ds = ds.rio.write_crs(scene.crs).rio.write_transform(t)
+    if path.exists():
+        shutil.rmtree(path)
+    ds.to_zarr(path, mode="w", compute=False, consolidated=False)
+
+
+def store_fingerprint(path: Path) -> str | None:
+    """The fingerprint a store was created with, or None when ``path`` holds no geoseg store."""
+    try:
+        return zarr.open_group(path, mode="r").attrs.get(FINGERPRINT_ATTR)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return None
+
+
+def prepare_store(path: Path, fingerprint: str, *, overwrite: bool, **create_kwargs) -> bool:
+    """Create the store, or reuse it for a resume when its fingerprint matches.
+
+    Returns:
+        True when an existing store is resumed.
+
+    Raises:
+        OutputExistsError: ``path`` exists with another fingerprint (or is not a store) and
+            ``overwrite`` is False.
+    """
+    if path.exists() and not overwrite:
+        found = store_fingerprint(path)
+        if found == fingerprint:
+            return True
+        what = "a store made with other inputs or settings" if found else "something that is not a geoseg store"
+        raise OutputExistsError(f"{path}: holds {what}. Pick another output folder or pass --overwrite.")
+    create_store(path, fingerprint=fingerprint, **create_kwargs)
+    return False
+
+
+def done_blocks(path: Path) -> np.ndarray:
+    """The (block_rows, block_cols) bool array of blocks already written."""
+    return zarr.open_group(path, mode="r")["block_done"][:].astype(bool)
+
+
+def write_block(path: Path, block: Block, result: BlockResult) -> None:
+    """Write a block's core into the store, then mark the block done."""
+    group = zarr.open_group(path, mode="r+")
+    ys, xs = slice(block.core.y0, block.core.y1), slice(block.core.x0, block.core.x1)
+    group["class_id"][ys, xs] = result.class_id
+    group["confidence"][ys, xs] = result.confidence
+    if result.probabilities is not None and "probability" in group:
+        group["probability"][:, ys, xs] = result.probabilities
+    group["block_done"][block.row, block.col] = 1
+
+
+def iter_chunks(path: Path, name: str) -> Iterator[tuple[Box, np.ndarray]]:
+    """Yield ``(box, values)`` for each chunk of a (y, x) variable, row-major; one chunk in memory."""
+    array = zarr.open_group(path, mode="r")[name]
+    (h, w), (ch, cw) = array.shape, array.chunks
+    for y0 in range(0, h, ch):
+        for x0 in range(0, w, cw):
+            box = Box(y0, x0, min(y0 + ch, h), min(x0 + cw, w))
+            yield box, array[box.y0 : box.y1, box.x0 : box.x1]
+
+
+def open_store(path: Path) -> xr.Dataset:
+    """Open the store lazily as an xarray Dataset with its CRS and transform attached."""
+    ds = xr.open_zarr(path, consolidated=False, mask_and_scale=False)
+    return ds.set_coords("spatial_ref")
