@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from geoseg.checkpoint import ModelContract, check_scene, contract_for, file_sha256, load_checkpoint, save_checkpoint
 from geoseg.config import ClassSchema, ModelConfig, PredictConfig, TrainConfig, load_config
 from geoseg.errors import (
     BandMismatchError,
@@ -15,10 +16,23 @@ from geoseg.errors import (
     VectorExportError,
     WeightsNotFoundError,
 )
+from geoseg.models import build_model, receptive_field, required_stride
+from geoseg.predict import Predictor, resolve_device
 from geoseg.raster import SceneInfo, band_stats, open_scene, read_window, resolve_bands
 from geoseg.tiling import Block, Box, TileGrid, align_block_size, context_margin, plan_blocks
 
 __all__ = [
+    "ModelContract",
+    "Predictor",
+    "build_model",
+    "check_scene",
+    "contract_for",
+    "file_sha256",
+    "load_checkpoint",
+    "receptive_field",
+    "required_stride",
+    "resolve_device",
+    "save_checkpoint",
     "BandMismatchError",
     "Block",
     "Box",
