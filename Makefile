@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+DEMO_SCENE := data/nc-landsat-lulc/lsat7_2000_6band.tif
+DEMO_MODEL := data/models/nc_landsat_deeplabv3_mobilenetv3.pt
+
 demo: setup
-	$(PY) -m geoseg demo --out out/demo
+	$(PY) flows/predict.py $(DEMO_SCENE) $(DEMO_MODEL) out/demo configs/predict/demo.yaml
 
 test: setup
 	$(PY) -m ruff check geoseg flows bench tests

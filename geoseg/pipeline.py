@@ -153,7 +153,8 @@ def plan_run(
     )
     stat = Path(scene).stat()
     fingerprint = hashlib.sha256(json.dumps({
-        "scene": [Path(scene).name, stat.st_size, stat.st_mtime_ns, info.shape, info.crs.to_wkt(), tuple(info.transform)],
+        "scene": [Path(scene).name, stat.st_size, stat.st_mtime_ns, info.shape, info.crs.to_wkt(),
+                  tuple(info.transform)],
         "checkpoint": sha, "bands": bands, "tile": tile, "margin": margin, "block_size": block_size,
         "scales": config.scales, "flip": config.flip, "device": device.type, "threads": config.threads,
         "probabilities": config.probabilities,

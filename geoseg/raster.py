@@ -31,7 +31,7 @@ GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR
 
 
 def gdal_env() -> rasterio.Env:
-    """A ``rasterio.Env`` with :data:`GDAL_OPTIONS`; wrap file work in ``with gdal_env():``."""
+    """Return the GDAL environment geoseg reads and writes in (:data:`GDAL_OPTIONS`)."""
     return rasterio.Env(**GDAL_OPTIONS)
 
 

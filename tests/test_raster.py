@@ -5,7 +5,14 @@ from conftest import NC_SCENE, random_scene, write_geotiff
 from rasterio.transform import Affine
 
 from geoseg.errors import BandMismatchError, GeosegError, InvalidSceneError, SceneNotFoundError
-from geoseg.raster import band_stats, check_bands, open_scene, read_window, require_valid_pixels, resolve_bands
+from geoseg.raster import (
+    band_stats,
+    check_bands,
+    open_scene,
+    read_window,
+    require_valid_pixels,
+    resolve_bands,
+)
 from geoseg.tiling import Box
 
 

@@ -79,5 +79,5 @@ def test_seam_index_blended_vs_naive(tiny_checkpoint, whole_scene):
 def test_seam_index_counts_border_changes():
     a = np.zeros((8, 8), dtype=np.uint8)
     a[:, 4:] = 1  # one vertical edge exactly on line 4
-    assert seam_index(a, [], [4]) == pytest.approx(1 / ((8 / (8 * 7 + 7 * 8))))
+    assert seam_index(a, [], [4]) == pytest.approx(1 / (8 / (8 * 7 + 7 * 8)))
     assert seam_index(a, [], [2]) == 0.0

@@ -1,0 +1,193 @@
+"""End-to-end predict time versus model-only forward time over the same tiles, and peak RSS.
+
+For each scene size it generates (once, block-wise, under .tmp/bench/) a smooth random uint8 scene,
+then in the same run:
+
+* e2e: ``predict_raster`` (read, normalise, predict, blend, write Zarr, COGs; vectorise off unless
+  --vectorize) in a child process whose peak RSS (summed over its process tree) is polled;
+* model: the same predictor over the same number of tiles in the same batch sizes, fed from memory.
+
+Prints one row per size: tiles, e2e s, model s, ratio e2e/model, peak RSS MB.
+
+    python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
+    python bench/pipeline.py --sizes 10000 40000 --arch tiny --tile 512 --skip-model   # memory run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".tmp" / "bench"
+BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
+
+
+def make_scene(size: int, bands: int = 6, chunk: int = 2048) -> Path:
+    """A smooth random uint8 scene of size² px, written chunk by chunk (bounded memory)."""
+    path = WORK / f"scene_{size}.tif"
+    if path.exists():
+        return path
+    WORK.mkdir(parents=True, exist_ok=True)
+    profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint8", nodata=0,
+                   crs="EPSG:32617", transform=from_origin(600000, 4000000, 10, 10), tiled=True,
+                   blockxsize=512, blockysize=512, BIGTIFF="YES")
+    yy, xx = np.mgrid[0:chunk, 0:chunk].astype(np.float32)
+    partial = path.with_suffix(".partial.tif")
+    with rasterio.open(partial, "w", **profile) as dst:
+        for i, name in enumerate(BANDS[:bands], start=1):
+            dst.set_band_description(i, name)
+        for y0 in range(0, size, chunk):
+            for x0 in range(0, size, chunk):
+                h, w = min(chunk, size - y0), min(chunk, size - x0)
+                y, x = yy[:h, :w] + y0, xx[:h, :w] + x0
+                rng = np.random.default_rng(y0 * size + x0)
+                block = np.stack([
+                    100 + 60 * np.sin(x / (97 + 13 * b)) * np.cos(y / (131 + 7 * b)) + rng.normal(0, 8, (h, w))
+                    for b in range(bands)
+                ])
+                dst.write(np.clip(block, 1, 255).astype(np.uint8), window=Window(x0, y0, w, h))
+    partial.rename(path)
+    return path
+
+
+def make_checkpoint(arch: str, backbone: str, tile: int) -> Path:
+    """A seeded, untrained checkpoint of the requested network for the bench scenes' bands."""
+    import torch
+
+    from geoseg.checkpoint import contract_for, save_checkpoint
+    from geoseg.config import ModelConfig, load_config
+    from geoseg.models import build_model
+
+    path = WORK / f"{arch}_{backbone}_{tile}.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        classes = load_config(ROOT / "configs" / "classes" / "nc_landcover.yaml")
+        model = build_model(arch, backbone, len(BANDS), len(classes.classes))
+        contract = contract_for(ModelConfig(arch=arch, backbone=backbone, tile_size=tile), band_names=BANDS,
+                                mean=[100] * 6, std=[40] * 6, classes=classes)
+        save_checkpoint(path, model, contract)
+    return path
+
+
+def child_e2e(args: argparse.Namespace) -> dict:
+    from geoseg.cluster import dask_client
+    from geoseg.config import PredictConfig
+    from geoseg.pipeline import plan_run, predict_raster
+
+    cfg = PredictConfig(block_size=args.block_size, batch_size=args.batch, device=args.device,
+                        vectorize=args.vectorize, workers=args.workers)
+    out = WORK / f"out_{Path(args.scene).stem}"
+    t0 = time.perf_counter()
+    if args.workers == 1:
+        result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True)
+    else:
+        with dask_client(workers=args.workers, device=args.device) as client:
+            result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
+    seconds = time.perf_counter() - t0
+    plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
+    return {"seconds": seconds, "tiles": plan.tiles, "blocks": len(plan.blocks), "timings": result.timings,
+            "margin": plan.grid.margin, "tile": plan.grid.tile}
+
+
+def child_model(args: argparse.Namespace) -> dict:
+    """Forward passes only: the same tile count and batch sizes as the e2e run, inputs from memory."""
+    import torch
+
+    from geoseg.checkpoint import load_checkpoint
+    from geoseg.config import PredictConfig
+    from geoseg.pipeline import plan_run, torch_threads
+    from geoseg.predict import Predictor
+
+    cfg = PredictConfig(block_size=args.block_size, batch_size=args.batch, device=args.device, vectorize=False)
+    plan = plan_run(args.scene, args.checkpoint, WORK / "model_only_plan", config=cfg)
+    model, contract = load_checkpoint(args.checkpoint, device=plan.job.device)
+    predictor = Predictor(model, contract, device=plan.job.device, batch_size=args.batch)
+    t = plan.grid.tile
+    x = np.random.default_rng(0).normal(size=(args.batch, contract.in_channels, t, t)).astype(np.float32)
+    batches = [len(b.tiles[i:i + args.batch]) for b in plan.blocks for i in range(0, len(b.tiles), args.batch)]
+    with torch_threads(cfg.threads):
+        predictor.predict_proba(x[:1])  # warm-up
+        if plan.job.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for n in batches:
+            predictor.predict_proba(x[:n])
+        if plan.job.device == "cuda":
+            torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "tiles": sum(batches)}
+
+
+def run_child(mode: str, args: argparse.Namespace, scene: Path, checkpoint: Path) -> dict:
+    """Run a child mode, polling the peak RSS of its whole process tree."""
+    cmd = [sys.executable, __file__, "--child", mode, "--scene", str(scene), "--checkpoint", str(checkpoint),
+           "--block-size", str(args.block_size), "--batch", str(args.batch), "--device", args.device,
+           "--workers", str(args.workers)] + (["--vectorize"] if args.vectorize else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"{mode} child failed ({proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak / 2**20
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--arch", default="tiny")
+    p.add_argument("--backbone", default="none")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of a generated one")
+    p.add_argument("--block-size", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--vectorize", action="store_true")
+    p.add_argument("--skip-model", action="store_true", help="memory run: no model-only timing")
+    p.add_argument("--child", choices=["e2e", "model"], help=argparse.SUPPRESS)
+    p.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(ROOT / ".tmp" / "dask"))
+    if args.child:
+        print(json.dumps((child_e2e if args.child == "e2e" else child_model)(args)))
+        return
+    checkpoint = args.checkpoint or make_checkpoint(args.arch, args.backbone, args.tile)
+    print(f"# bench/pipeline.py {date.today()} on {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores; checkpoint {checkpoint.name}, device {args.device}, workers {args.workers}")
+    print(f"{'size':>7} {'tiles':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'peak_rss_mb':>11}  stages")
+    for size in args.sizes:
+        scene = make_scene(size)
+        e2e = run_child("e2e", args, scene, checkpoint)
+        model = None if args.skip_model else run_child("model", args, scene, checkpoint)
+        ratio = f"{e2e['seconds'] / model['seconds']:.3f}" if model else "-"
+        model_s = f"{model['seconds']:.1f}" if model else "-"
+        stages = " ".join(f"{k}={v:.1f}" for k, v in e2e["timings"].items())
+        print(f"{size:>7} {e2e['tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} {ratio:>6} "
+              f"{e2e['peak_rss_mb']:>11.0f}  {stages}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
