@@ -125,12 +125,14 @@ class ModelContract:
         """The multiple tiles are padded to before the forward (:func:`geoseg.models.required_stride`)."""
         return required_stride(self.arch)
 
-    def normalise(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def normalise(self, data: np.ndarray, valid: np.ndarray, *, inplace: bool = False) -> np.ndarray:
         """Per band ``(data * scale - mean) / std``, with invalid pixels set to 0.
 
         Args:
             data: ``(C, H, W)`` pixel values in the network's band order.
             valid: ``(H, W)`` bool, False where the pixel is nodata.
+
+            inplace: reuse ``data``'s memory when it is float32 (a block then holds one copy of its bands).
 
         Returns:
             ``(C, H, W)`` float32.
@@ -142,7 +144,10 @@ class ModelContract:
             raise ValueError(f"valid mask shape {valid.shape} does not match data {data.shape[1:]}")
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
-        out = (data.astype(np.float32) * np.float32(self.scale) - mean) / std
+        out = data.astype(np.float32, copy=not inplace)
+        out *= np.float32(self.scale)
+        out -= mean
+        out /= std
         out[:, ~valid] = 0.0
         return out
 

@@ -209,7 +209,7 @@ def process_block(job: BlockJob, block: Block) -> int:
     contract = predictor.contract
     with gdal_env(), rasterio.open(job.scene) as src:
         data, valid = read_window(src, block.read, bands=job.bands)
-    image = contract.normalise(data, valid)
+    image = contract.normalise(data, valid, inplace=True)
     with torch_threads(job.torch_threads):
         result = blend_block(
             block, image, valid, predictor.predict_proba, margin=job.margin, class_ids=contract.classes.ids,
