@@ -8,7 +8,7 @@ export DASK_TEMPORARY_DIRECTORY ?= $(TMP)/dask
 export MPLCONFIGDIR ?= $(TMP)/matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test serve lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ demo: setup
 	$(PY) flows/predict.py $(DEMO_SCENE) $(DEMO_MODEL) out/demo configs/predict/demo.yaml
 
 test: setup
+	bash scripts/install_chromium.sh
 	$(PY) -m ruff check geoseg flows bench tests
 	$(PY) -m pytest
+
+# Local Prefect server + the predict, nightly batch and train deployments (SERVE_ARGS="--checkpoint ...").
+serve: setup
+	$(PY) flows/serve.py $(SERVE_ARGS)
 
 lint: setup
 	$(PY) -m ruff check geoseg flows bench tests

@@ -22,9 +22,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from geoseg.cluster import dask_client
 from geoseg.config import PredictConfig, settings_with_overrides
+from geoseg.errors import GeosegError
 from geoseg.pipeline import (
     RunPlan,
     RunResult,
@@ -41,7 +43,18 @@ from geoseg.pipeline import (
 PROGRESS_EVERY_S = 2.0
 
 
-@task(name="plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def retry_io_only(task: object, task_run: object, state: State) -> bool:
+    """Retry transient failures, never a GeosegError (bad input fails the same way every time)."""
+    try:
+        state.result()
+    except GeosegError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="plan", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def plan_task(scene: str, checkpoint: str, out_dir: str, config: PredictConfig, overwrite: bool) -> RunPlan:
     """Validate inputs, plan blocks, prepare (or resume) the Zarr store."""
     plan = plan_run(scene, checkpoint, out_dir, config=config)
@@ -72,7 +85,7 @@ def blocks_task(plan: RunPlan) -> tuple[int, int]:
         return run_blocks(plan, client=client, progress=progress)
 
 
-@task(name="finalise", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="finalise", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def finalise_task(plan: RunPlan) -> dict[str, str]:
     """Write the class and confidence COGs."""
     return finalise(plan, overwrite=True)
@@ -91,13 +104,13 @@ def areas_task(plan: RunPlan) -> list[dict[str, Any]]:
     return areas
 
 
-@task(name="vectorise", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="vectorise", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def vectorise_task(plan: RunPlan) -> str:
     """Polygons merged across block borders."""
     return vectorise_stage(plan, overwrite=True)
 
 
-@task(name="summary", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="summary", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def summary_task(plan: RunPlan, result: RunResult) -> str:
     """Write summary.json and publish a markdown summary with the output paths."""
     path = write_summary(plan, result)
