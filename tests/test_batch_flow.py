@@ -1,4 +1,4 @@
-"""The batch flow and the deployments against a real Prefect server (subprocess), plus their pure helpers.
+"""The batch flow and the deployments against a real Prefect server (subprocess).
 
 The server, the inbox and the first batch run are made once per session and shared with
 ``test_prefect_ui.py`` (see :func:`prefect_server` and :func:`first_batch`).
@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +35,9 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from rasterio.windows import Window
 
-from flows.batch import (
-    LEDGER,
-    Scene,
-    batch,
-    error_line,
-    find_scenes,
-    plan_batch,
-    read_ledger,
-    report_markdown,
-    scene_key,
-    settings_sha256,
-    write_ledger,
-)
+from flows.batch import batch
 from flows.serve import PrefectServer, build_deployments
-from geoseg.config import PredictConfig
-from geoseg.errors import BandMismatchError
+from geoseg.inbox import LEDGER
 
 #: Fast predict settings for the tests (one Dask worker, no polygons, small blocks).
 FAST = {"vectorize": False, "block_size": 256, "workers": 1}
@@ -360,83 +347,3 @@ def test_served_nightly_deployment_runs_the_batch(prefect_server, tiny_checkpoin
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure helpers (no server).
-
-
-def test_find_scenes_folder_glob_list(tmp_path):
-    (tmp_path / "in" / "sub").mkdir(parents=True)
-    for name in ("a.tif", "b.TIFF", ".partial.tif", "notes.txt", "sub/c.tif"):
-        (tmp_path / "in" / name).write_bytes(b"x")
-    (tmp_path / "in" / "out").mkdir()
-    (tmp_path / "in" / "out" / "a_classes.tif").write_bytes(b"x")
-    folder = find_scenes(tmp_path / "in")
-    assert [p.name for p in folder] == ["a.tif", "b.TIFF"]
-    globbed = find_scenes(str(tmp_path / "in" / "**" / "*.tif"), exclude=tmp_path / "in" / "out")
-    assert sorted(p.name for p in globbed) == ["a.tif", "c.tif"]
-    listed = find_scenes([tmp_path / "in" / "a.tif", str(tmp_path / "in" / "a.tif"), tmp_path / "missing.tif"])
-    assert [p.name for p in listed] == ["a.tif", "missing.tif"]
-
-
-def test_key_ignores_runtime_settings_only():
-    base = settings_sha256(PredictConfig(block_size=256))
-    assert settings_sha256(PredictConfig(block_size=256, workers=3, scheduler="tcp://x:8786")) == base
-    assert settings_sha256(PredictConfig(block_size=512)) != base
-    assert scene_key("a", base, "c") != scene_key("a", base, "d") != scene_key("b", base, "c")
-
-
-def test_plan_batch_skips_finished_and_duplicates_retries_failed(tmp_path):
-    scenes = []
-    for name, content in (("one.tif", b"1"), ("two.tif", b"2"), ("copy_of_one.tif", b"1"), ("three.tif", b"3")):
-        scenes.append(tmp_path / name)
-        scenes[-1].write_bytes(content)
-    out = tmp_path / "out"
-    ledger = read_ledger(out)
-    first = plan_batch(scenes + [tmp_path / "gone.tif"], out, ledger, settings_hash="s", checkpoint_sha256="c")
-    assert [s.status for s in first] == ["todo", "todo", "skipped", "todo", "failed"]
-    assert first[2].note == f"same content as {scenes[0]}" and first[2].key == first[0].key
-    assert "gone.tif: no such file" in first[4].note
-    Path(first[0].out_dir).mkdir(parents=True)
-    (Path(first[0].out_dir) / "summary.json").write_text("{}")
-    ledger["scenes"][first[1].key] = {"status": "failed", "out_dir": first[1].out_dir}
-    write_ledger(out, ledger)
-    again = plan_batch(scenes, out, read_ledger(out), settings_hash="s", checkpoint_sha256="c")
-    assert [s.status for s in again] == ["skipped", "todo", "skipped", "todo"]
-    assert again[0].note == f"already processed into {first[0].out_dir}"
-    forced = plan_batch(scenes[:1], out, ledger, settings_hash="s", checkpoint_sha256="c", reprocess=True)
-    assert forced[0].status == "todo"
-    other_model = plan_batch(scenes[:1], out, ledger, settings_hash="s", checkpoint_sha256="other")
-    assert other_model[0].status == "todo" and other_model[0].out_dir != first[0].out_dir
-
-
-def test_ledger_hash_cache_and_unreadable_ledger(tmp_path):
-    scene = tmp_path / "s.tif"
-    scene.write_bytes(b"abc")
-    ledger = read_ledger(tmp_path)
-    [planned] = plan_batch([scene], tmp_path, ledger, settings_hash="s", checkpoint_sha256="c")
-    assert ledger["files"][str(scene)]["sha256"] == planned.sha256
-    ledger["files"][str(scene)]["sha256"] = "cached"  # unchanged size and mtime: the cache is trusted
-    [cached] = plan_batch([scene], tmp_path, ledger, settings_hash="s", checkpoint_sha256="c")
-    assert cached.sha256 == "cached"
-    (tmp_path / LEDGER).write_text("{not json")
-    assert read_ledger(tmp_path)["scenes"] == {}
-    assert list(tmp_path.glob(f"{LEDGER}.unreadable-*"))
-
-
-def test_report_and_error_lines():
-    rows = [
-        asdict(Scene("/in/a.tif", "processed", key="k" * 64, out_dir="/out/a-kkk")),
-        asdict(Scene("/in/d.tif", "skipped", key="k" * 64, out_dir="/out/a-kkk", note="same content as /in/a.tif")),
-        {**asdict(Scene("/in/b|c.tif", "failed", note="bad | pipe\nsecond line")), "flow_run_id": "f1"},
-    ]
-    md = report_markdown(rows, out_root="/out", ui_url="http://127.0.0.1:4200")
-    assert md.startswith("# geoseg batch: 1 processed, 1 skipped, 1 failed\n")
-    assert "| `a.tif` | processed | `a-kkk` |" in md
-    assert "| `d.tif` | skipped | same content as /in/a.tif |" in md
-    assert "| `b\\|c.tif` | **failed** | see Failures |" in md
-    assert "- **b|c.tif** ([predict run](http://127.0.0.1:4200/runs/flow-run/f1)): bad | pipe second line" in md
-    assert "No scenes found" in report_markdown([], out_root="/out")
-    assert error_line(BandMismatchError("x.tif: 4 bands,\n  model wants 6")) == "x.tif: 4 bands, model wants 6"
-    assert error_line(KeyError("boom")) == "KeyError: 'boom'"
