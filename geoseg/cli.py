@@ -20,6 +20,26 @@ def _global(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # GDAL's and Dask's INFO chatter is noise to a user; geoseg's own INFO is not
+        for noisy in ("rasterio", "distributed"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Bar:
+    """A tqdm bar driven by ``(done, total)`` progress callbacks."""
+
+    def __init__(self, unit: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, unit=unit, desc=f"{unit}s", disable=None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 @app.command()
@@ -59,8 +79,6 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace outputs of another run in --out"),
 ) -> None:
     """Classify a scene: class map and confidence COGs, polygons, Zarr store and summary in --out."""
-    from tqdm import tqdm
-
     from geoseg.cluster import dask_client
     from geoseg.config import PredictConfig, settings_with_overrides
     from geoseg.pipeline import predict_raster
@@ -70,13 +88,8 @@ def predict(
         block_size=block_size, batch_size=batch_size, workers=workers, scheduler=scheduler, device=device,
         vectorize=vectorize,
     )
-    with tqdm(total=0, unit="block", desc="blocks", disable=None) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    progress = _Bar("block")
+    try:
         if cfg.workers == 1 and not cfg.scheduler:  # no cluster: blocks run in this process
             result = predict_raster(scene, checkpoint, out, config=cfg, overwrite=overwrite, progress=progress)
         else:
@@ -86,9 +99,36 @@ def predict(
                 result = predict_raster(
                     scene, checkpoint, out, config=cfg, client=client, overwrite=overwrite, progress=progress
                 )
+    finally:
+        progress.close()
     typer.echo(f"{result.blocks_computed} blocks computed, {result.blocks_skipped} resumed; outputs:")
     for name, path in result.outputs.items():
         typer.echo(f"  {name:11s} {path}")
+
+
+@app.command()
+def vectorize(
+    class_map: Path = typer.Argument(..., help="class raster: a GeoTIFF/COG or the prediction.zarr store"),
+    out: Path = typer.Option(..., "--out", "-o", help="polygons file: .gpkg, .shp or .parquet"),
+    classes: Path | None = typer.Option(None, "--classes", help="class schema YAML for class names"),
+    min_area: float | None = typer.Option(None, "--min-area", help="minimum mapping unit in m²"),
+    simplify: float | None = typer.Option(None, "--simplify", help="simplification tolerance in metres"),
+    confidence: Path | None = typer.Option(None, "--confidence", help="confidence raster for mean_conf"),
+    block_size: int = typer.Option(2048, "--block-size", help="block side in px (memory, not the result)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+) -> None:
+    """Polygons from a class raster, merged across block borders (exact without --min-area/--simplify)."""
+    from geoseg.config import ClassSchema, load_config
+    from geoseg.vectorize import vectorize as run
+
+    schema = load_config(classes, ClassSchema) if classes else None
+    bar = _Bar("block")
+    try:
+        summary = run(class_map, out, classes=schema, block_size=block_size, min_area=min_area, simplify=simplify,
+                      confidence=confidence, overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
+    typer.echo(f"{summary.polygons} polygons written to {out}")
 
 
 def main() -> None:
