@@ -27,7 +27,7 @@ from geoseg.tiling import Box
 log = logging.getLogger(__name__)
 
 #: GDAL settings for every read and write geoseg does: bounded block cache, no sidecar scans.
-GDAL_OPTIONS = {"GDAL_CACHEMAX": 256, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_NUM_THREADS": "ALL_CPUS"}
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 64, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_NUM_THREADS": "ALL_CPUS"}
 
 
 def gdal_env() -> rasterio.Env:
