@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 import rasterio
-from conftest import NC_SCENE
+from conftest import DATA, NC_SCENE
 
 from geoseg.checkpoint import load_checkpoint
 from geoseg.predict import Predictor
 from geoseg.raster import read_window
 from geoseg.stitch import CLASS_NODATA, blend_block, blend_window, seam_index
 from geoseg.tiling import TileGrid, align_block_size, plan_blocks
+
+DEMO_MODEL = DATA / "models" / "nc_landsat_deeplabv3_mobilenetv3.pt"
 
 
 def stitch_scene(checkpoint, grid: TileGrid, block_size: int):
@@ -59,21 +61,33 @@ def test_nodata_pixels_get_nodata_class(whole_scene):
     assert (conf[invalid] == 0).all() and (conf[~invalid] >= 1 / 7 - 1e-6).all()
 
 
-def test_seam_index_blended_vs_naive(tiny_checkpoint, whole_scene):
-    grid, (cls, _) = whole_scene
-    block = align_block_size(96, grid)
-    blended, _ = stitch_scene(tiny_checkpoint, grid, block)
-    m, s = grid.margin, grid.stride
-    lines = np.unique(np.r_[np.arange(-m, 500, s), np.arange(m, 500, s), np.arange(0, 500, block)])
-    blended_index = seam_index(blended, lines, lines)
+def line_families(class_map, period: int, step: int = 4) -> dict[int, float]:
+    """Seam index of every family of lines ``offset + k * period``, for offsets on a ``step`` grid."""
+    n = max(class_map.shape)
+    return {o: seam_index(class_map, np.arange(o, n, period), np.arange(o, n, period)) for o in range(0, period, step)}
 
-    naive_grid = TileGrid(443, 489, 64, 0)
-    naive, _ = stitch_scene(tiny_checkpoint, naive_grid, 4096)
-    naive_lines = np.arange(0, 500, 64)
-    naive_index = seam_index(naive, naive_lines, naive_lines)
-    print(f"seam index: blended {blended_index:.3f}, naive {naive_index:.3f}")
-    assert blended_index <= 1.05
-    assert naive_index > 1.3
+
+def test_seam_index_blended_vs_naive():
+    """Class changes are no more frequent along tile borders than along any other family of lines.
+
+    Model: the demo DeepLabV3 (a real receptive field: atrous convolutions and ASPP image pooling).
+    The index of a single line family on this 443 x 489 sample scatters by about +-40 % from line to
+    line (few, spatially coherent class changes), so the border family is compared with the other
+    families of the same period: blended, it must not stand out (<= 1.05 x the largest other family);
+    naive tiling must stand out clearly. Block borders are covered exactly by
+    test_blocked_equals_whole_scene (a blocked run equals the whole-scene run).
+    """
+    grid = TileGrid(443, 489, 128, 32)  # the demo model's tile size; lattice edges at 32 mod 64
+    blended, _ = stitch_scene(DEMO_MODEL, grid, 4096)
+    fam = line_families(blended, grid.stride)
+    border = fam.pop((-grid.margin) % grid.stride)
+    naive, _ = stitch_scene(DEMO_MODEL, TileGrid(443, 489, 128, 0), 4096)
+    naive_fam = line_families(naive, 128, step=8)
+    naive_border = naive_fam.pop(0)
+    print(f"seam index blended {border:.3f} (other lines up to {max(fam.values()):.3f}), "
+          f"naive {naive_border:.3f} (other lines up to {max(naive_fam.values()):.3f})")
+    assert border <= 1.05 * max(fam.values())
+    assert naive_border > 3 * max(naive_fam.values())
 
 
 def test_seam_index_counts_border_changes():
