@@ -16,13 +16,18 @@ from geoseg.errors import (
     VectorExportError,
     WeightsNotFoundError,
 )
+from geoseg.export.vector import VectorWriter
 from geoseg.inbox import Scene, find_scenes, read_ledger, take_inventory, write_ledger
 from geoseg.models import build_model, receptive_field, required_stride
 from geoseg.predict import Predictor, resolve_device
 from geoseg.raster import SceneInfo, band_stats, open_scene, read_window, resolve_bands
 from geoseg.tiling import Block, Box, TileGrid, align_block_size, context_margin, plan_blocks
+from geoseg.vectorize import VectorizeSummary, vectorize
 
 __all__ = [
+    "VectorWriter",
+    "VectorizeSummary",
+    "vectorize",
     "Scene",
     "find_scenes",
     "read_ledger",

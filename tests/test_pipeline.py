@@ -150,3 +150,16 @@ def test_real_scheduler_and_worker_processes(reference, plan, tiny_checkpoint, t
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_vectorise_stage_writes_polygons_matching_the_class_map(tiny_checkpoint, tmp_path):
+    import geopandas as gpd
+
+    cfg = PredictConfig(block_size=128, vectorize=True)
+    result = predict_raster(NC_SCENE, tiny_checkpoint, tmp_path, config=cfg)
+    polygons = gpd.read_file(result.outputs["polygons"])
+    assert polygons.crs == rasterio.open(NC_SCENE).crs and polygons.is_valid.all()
+    for area in result.class_areas:
+        got = polygons.loc[polygons.class_id == area["class_id"], "area_m2"].sum()
+        assert got == pytest.approx(area["area_km2"] * 1e6, rel=1e-6)
+    assert polygons["mean_conf"].between(1 / 7 - 1e-6, 1).all()
