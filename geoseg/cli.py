@@ -131,6 +131,48 @@ def vectorize(
     typer.echo(f"{summary.polygons} polygons written to {out}")
 
 
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", help="training settings YAML (configs/train/)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="run folder (default: the config's out_dir)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="override the number of epochs"),
+    resume: bool = typer.Option(False, "--resume", help="continue from last.pt in the run folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+) -> None:
+    """Train one model; writes best.pt / last.pt with the full contract, split.json and metrics.json."""
+    from tqdm import tqdm
+
+    from geoseg.config import TrainConfig, settings_with_overrides
+    from geoseg.train import train as run
+
+    cfg = settings_with_overrides(TrainConfig, config, epochs=epochs)
+    with tqdm(total=cfg.epochs, unit="epoch", disable=None) as bar:
+
+        def progress(row: dict) -> None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val_miou=f"{row['val_miou'] or 0:.3f}")
+            bar.update(1)
+
+        result = run(cfg, out_dir=out, progress=progress, resume=resume, overwrite=overwrite)
+    test = result.test or {}
+    typer.echo(f"best checkpoint {result.best}; test macro mIoU {test.get('miou_macro')}, "
+               f"pixel accuracy {test.get('pixel_accuracy')} (metrics in {result.metrics_file})")
+
+
+@app.command()
+def compare(
+    config: Path = typer.Option(..., "--config", help="training settings YAML with a `compare` list"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output folder"),
+) -> None:
+    """Train DeepLabV3, FCN and U-Net on one split; write a table and a side-by-side PNG."""
+    from geoseg.compare import compare as run
+    from geoseg.config import TrainConfig, load_config
+
+    result = run(load_config(config, TrainConfig), out_dir=out,
+                 progress=lambda name, row: typer.echo(f"{name}: epoch {row.get('epoch')}", err=True))
+    typer.echo(result.table_md.read_text())
+    typer.echo(f"table {result.table_csv}, figure {result.figure}")
+
+
 def main() -> None:
     """Entry point: run the app, printing a GeosegError as one line (no traceback), exit code 2."""
     try:
