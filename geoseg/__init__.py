@@ -22,12 +22,11 @@ from geoseg.models import build_model, receptive_field, required_stride
 from geoseg.predict import Predictor, resolve_device
 from geoseg.raster import SceneInfo, band_stats, open_scene, read_window, resolve_bands
 from geoseg.tiling import Block, Box, TileGrid, align_block_size, context_margin, plan_blocks
-from geoseg.vectorize import VectorizeSummary, vectorize
+from geoseg.vectorize import VectorizeSummary  # geoseg.vectorize stays the module: vectorize.vectorize(...)
 
 __all__ = [
     "VectorWriter",
     "VectorizeSummary",
-    "vectorize",
     "Scene",
     "find_scenes",
     "read_ledger",
