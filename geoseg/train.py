@@ -12,7 +12,8 @@ mIoU improves, ``best.pt``.  The learning rate follows the poly schedule of the 
 Training stops early after ``early_stopping`` epochs without a val mIoU gain.  Afterwards the best
 weights are scored on the test part and ``metrics.json`` is written.  ``resume=True`` continues from
 ``last.pt``: on the CPU the continued run's losses equal an uninterrupted run's.  AMP (bf16, or fp16
-with loss scaling) is used on CUDA only.
+with loss scaling) is used on CUDA only.  Normalisation (the contract's mean/std) is computed exactly
+over the valid pixels of the train part only; batch norms train with momentum :data:`BN_MOMENTUM`.
 
 Files in the run folder: ``split.json``, ``best.pt``, ``last.pt``, ``metrics.json``, ``curves.png``.
 """
