@@ -119,3 +119,28 @@ def make_tiny_checkpoint(path: Path, scene: Path, *, tile: int = 64, seed: int =
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """Tiny stand-in checkpoint for the real NC Landsat sample (6 bands, 7 classes), tile 64."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", NC_SCENE)
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """One temporary Prefect server (prefect_test_harness) shared by the flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def flow_run_artifacts(flow_run_id) -> list:
+    """All artifacts of a flow run, read back through the Prefect client."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )
+
+    return asyncio.run(read())

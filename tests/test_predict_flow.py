@@ -1,30 +1,12 @@
 """The Prefect predict flow under prefect_test_harness: outputs and artifacts."""
 
-import asyncio
 import json
 
 import pytest
 import rasterio
-from conftest import NC_SCENE
-from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
+from conftest import NC_SCENE, flow_run_artifacts
 
 from flows.predict import predict
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-async def _artifacts(flow_run_id):
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async with get_client() as client:
-        return await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
 
 
 @pytest.mark.slow
@@ -38,7 +20,7 @@ def test_flow_writes_outputs_and_artifacts(harness, tiny_checkpoint, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["blocks_computed"] == summary["grid"]["blocks"]
 
-    artifacts = asyncio.run(_artifacts(state.state_details.flow_run_id))
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     by_type = {}
     for a in artifacts:
         by_type.setdefault(a.type, []).append(a)

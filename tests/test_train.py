@@ -1,13 +1,12 @@
 """Training: metrics, spatial split, loss goes down, exact resume, comparison report, the Prefect flow."""
 
-import asyncio
 import json
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import random_scene, write_geotiff
+from conftest import flow_run_artifacts, random_scene, write_geotiff
 
 from geoseg.checkpoint import load_checkpoint
 from geoseg.config import ModelConfig, TrainConfig
@@ -185,24 +184,6 @@ def test_compare_writes_table_and_figure(tiny_data, tmp_path):
     assert len(splits) == 1  # every model saw the same split
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-async def _artifacts(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async with get_client() as client:
-        return await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-
-
 @pytest.mark.slow
 def test_train_flow_publishes_table_and_curves(harness, tiny_data, tmp_path):
     from flows.train import train as train_flow
@@ -215,7 +196,7 @@ def test_train_flow_publishes_table_and_curves(harness, tiny_data, tmp_path):
     assert state.is_completed()
     out = state.result()
     assert out["epochs_run"] == 2 and (tmp_path / "run" / "best.pt").exists()
-    artifacts = asyncio.run(_artifacts(state.state_details.flow_run_id))
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     by_key = {}
     for a in artifacts:
         by_key.setdefault(a.key, []).append(a)
