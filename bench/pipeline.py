@@ -1,13 +1,15 @@
-"""End-to-end predict time versus model-only forward time over the same tiles, and peak RSS.
+"""End-to-end predict time versus model-only forward time over the same tiles, and peak memory.
 
 For each scene size it generates (once, block-wise, under .tmp/bench/) a smooth random uint8 scene,
 then in the same run:
 
 * e2e: ``predict_raster`` (read, normalise, predict, blend, write Zarr, COGs; vectorise off unless
-  --vectorize) in a child process whose peak RSS (summed over its process tree) is polled;
-* model: the same predictor over the same number of tiles in the same batch sizes, fed from memory.
+  --vectorize) in a child process whose process tree's memory is polled (``bench/measure.py``);
+* model: the same predictor over the same number of tiles in the same batch sizes, fed from memory
+  already on the device (``Predictor.proba``: forward passes, resizing and softmax only).
 
-Prints one row per size: tiles, e2e s, model s, ratio e2e/model, peak RSS MB.
+Prints one row per size: tiles run (a tile touching two blocks' cores runs once per block), lattice
+tiles (each tile once), e2e s, model s, ratio e2e/model, peak PSS and RSS in MB, and stage times.
 
     python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
     python bench/pipeline.py --sizes 10000 40000 --arch tiny --tile 512 --skip-model   # memory run
@@ -19,15 +21,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-import psutil
 import rasterio
+from measure import run_measured
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -99,8 +100,9 @@ def child_e2e(args: argparse.Namespace) -> dict:
             result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
     seconds = time.perf_counter() - t0
     plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
-    return {"seconds": seconds, "tiles": plan.tiles, "blocks": len(plan.blocks), "timings": result.timings,
-            "margin": plan.grid.margin, "tile": plan.grid.tile}
+    return {"seconds": seconds, "tiles": plan.tiles, "lattice_tiles": plan.grid.rows * plan.grid.cols,
+            "blocks": len(plan.blocks), "timings": result.timings, "margin": plan.grid.margin,
+            "tile": plan.grid.tile}
 
 
 def child_model(args: argparse.Namespace) -> dict:
@@ -117,40 +119,30 @@ def child_model(args: argparse.Namespace) -> dict:
     model, contract = load_checkpoint(args.checkpoint, device=plan.job.device)
     predictor = Predictor(model, contract, device=plan.job.device, batch_size=args.batch)
     t = plan.grid.tile
-    x = np.random.default_rng(0).normal(size=(args.batch, contract.in_channels, t, t)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(args.batch, contract.in_channels, t, t)).astype(np.float32))
+    x = x.to(predictor.device)
     batches = [len(b.tiles[i:i + args.batch]) for b in plan.blocks for i in range(0, len(b.tiles), args.batch)]
     with torch_threads(cfg.threads):
-        predictor.predict_proba(x[:1])  # warm-up
+        predictor.proba(x[:1])  # warm-up
         if plan.job.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for n in batches:
-            predictor.predict_proba(x[:n])
+            predictor.proba(x[:n])
         if plan.job.device == "cuda":
             torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - t0, "tiles": sum(batches)}
 
 
 def run_child(mode: str, args: argparse.Namespace, scene: Path, checkpoint: Path) -> dict:
-    """Run a child mode, polling the peak RSS of its whole process tree."""
+    """Run a child mode in a fresh process; add the peak PSS and RSS of its whole process tree."""
     cmd = [sys.executable, __file__, "--child", mode, "--scene", str(scene), "--checkpoint", str(checkpoint),
            "--block-size", str(args.block_size), "--batch", str(args.batch), "--device", args.device,
            "--workers", str(args.workers)] + (["--vectorize"] if args.vectorize else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    out = proc.stdout.read()
-    if proc.returncode:
-        raise SystemExit(f"{mode} child failed ({proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mb"] = peak / 2**20
+    run = run_measured(cmd, cwd=ROOT)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result.update(peak_pss_mb=run.peak_pss_mb, peak_rss_mb=run.peak_rss_mb)
     return result
 
 
@@ -177,7 +169,8 @@ def main() -> None:
     checkpoint = args.checkpoint or make_checkpoint(args.arch, args.backbone, args.tile)
     print(f"# bench/pipeline.py {date.today()} on {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; checkpoint {checkpoint.name}, device {args.device}, workers {args.workers}")
-    print(f"{'size':>7} {'tiles':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'peak_rss_mb':>11}  stages")
+    print(f"{'size':>7} {'tiles':>7} {'lattice':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'pss_mb':>7} "
+          f"{'rss_mb':>7}  stages")
     for size in args.sizes:
         scene = make_scene(size)
         e2e = run_child("e2e", args, scene, checkpoint)
@@ -185,8 +178,8 @@ def main() -> None:
         ratio = f"{e2e['seconds'] / model['seconds']:.3f}" if model else "-"
         model_s = f"{model['seconds']:.1f}" if model else "-"
         stages = " ".join(f"{k}={v:.1f}" for k, v in e2e["timings"].items())
-        print(f"{size:>7} {e2e['tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} {ratio:>6} "
-              f"{e2e['peak_rss_mb']:>11.0f}  {stages}", flush=True)
+        print(f"{size:>7} {e2e['tiles']:>7} {e2e['lattice_tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} "
+              f"{ratio:>6} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f}  {stages}", flush=True)
 
 
 if __name__ == "__main__":
