@@ -2,14 +2,19 @@
 
 Tiles lie on one lattice over the whole scene, whatever the blocking::
 
-    tile k along an axis covers [k*stride - margin, k*stride - margin + tile)
+    tile k along an axis covers [k*stride - phase - margin, k*stride - phase - margin + tile)
+    its inner part is           [k*stride - phase, (k+1)*stride - phase)
     stride = tile - 2*margin          (neighbouring tiles overlap by 2*margin)
-    k = 0 .. ceil(n / stride) - 1      (the last tile's inner part reaches the edge n)
+    phase = stride // 2 if margin else 0
+    k = 0 .. ceil((n + phase) / stride) - 1      (the inner parts cover [0, n))
 
 ``margin`` is the band along a tile's edges whose predictions lack context (zero padding reaches
 them).  It is derived from the model's receptive field and output stride by :func:`context_margin`.
 With an overlap of ``2*margin`` every pixel lies at least ``margin`` away from the edge of some tile,
 so blending (see :mod:`geoseg.stitch`) can always favour a tile that saw the pixel's full context.
+The *phase* puts block borders, which lie on multiples of the stride, through the middle of a
+tile's inner part, where exactly one tile straddles them (two would without it): every block
+border costs one row or column of tiles computed twice, not two.
 
 A *block* is a square of the output, its *core*; cores partition the scene exactly and are aligned
 to the output chunks.  A block processes every lattice tile that touches its core; its *read box*
@@ -103,8 +108,19 @@ class TileGrid:
         """Distance between neighbouring tile origins."""
         return self.tile - 2 * self.margin
 
+    @property
+    def phase(self) -> int:
+        """Shift of the lattice: half a stride when tiles overlap, else 0 (see the module docstring).
+
+        A border at a multiple of the stride is straddled by the tiles k with
+        ``k*s - p - m < border < k*s - p - m + t``, an open interval of length ``1 + 2m/s`` in k: with
+        ``p = s/2`` (and ``m <= s/2``, true as ``m <= t/4``) it holds one integer; with ``m = 0`` the
+        unshifted lattice holds none.
+        """
+        return self.stride // 2 if self.margin else 0
+
     def _count(self, n: int) -> int:
-        return math.ceil(n / self.stride)
+        return math.ceil((n + self.phase) / self.stride)
 
     @property
     def rows(self) -> int:
@@ -117,16 +133,16 @@ class TileGrid:
         return self._count(self.width)
 
     def _span(self, a0: int, a1: int, n: int) -> range:
-        """Lattice indices k whose tile [k*s - m, k*s - m + t) intersects [a0, a1)."""
-        s, m, t = self.stride, self.margin, self.tile
-        first = max(0, (a0 + m - t) // s + 1)
-        last = min(self._count(n) - 1, (a1 - 1 + m) // s)
+        """Lattice indices k whose tile [k*s - p - m, k*s - p - m + t) intersects [a0, a1)."""
+        s, m, t, p = self.stride, self.margin, self.tile, self.phase
+        first = max(0, (a0 + p + m - t) // s + 1)
+        last = min(self._count(n) - 1, (a1 - 1 + p + m) // s)
         return range(first, last + 1)
 
     def tile_box(self, row: int, col: int) -> Box:
         """The pixels tile (row, col) reads."""
-        y0 = row * self.stride - self.margin
-        x0 = col * self.stride - self.margin
+        y0 = row * self.stride - self.phase - self.margin
+        x0 = col * self.stride - self.phase - self.margin
         return Box(y0, x0, y0 + self.tile, x0 + self.tile)
 
     def tiles_touching(self, box: Box) -> tuple[Box, ...]:
@@ -165,7 +181,8 @@ class Block:
 def align_block_size(block_size: int, grid: TileGrid) -> int:
     """Round ``block_size`` down to a multiple of the tile stride (at least one stride).
 
-    Cores that start on tile origins share as few tiles with their neighbours as possible.
+    Core borders then lie where the lattice's phase puts them: mid-way through one tile's inner part,
+    so neighbouring blocks share one row or column of tiles.
     """
     return max(grid.stride, block_size // grid.stride * grid.stride)
 

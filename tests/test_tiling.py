@@ -68,7 +68,7 @@ def test_small_raster_one_tile():
     grid = TileGrid(5, 7, 64, 16)
     (block,) = plan_blocks(grid, 2048)
     assert block.core == Box(0, 0, 5, 7)
-    assert block.tiles == (Box(-16, -16, 48, 48),)
+    assert block.tiles == (Box(-32, -32, 32, 32),)  # phase 16 + margin 16 before the scene
 
 
 def test_context_margin_formula():
@@ -91,7 +91,19 @@ def test_halo_is_reach_beyond_core():
     grid = TileGrid(1000, 1000, 64, 16)
     blocks = plan_blocks(grid, align_block_size(100, grid))
     inner = [b for b in blocks if b.row == 1 and b.col == 1][0]
-    assert inner.halo == 16 + 32  # tiles start `margin` before a stride boundary and reach one tile past it
+    assert inner.halo == 16 + 16  # the straddling tile's inner part reaches phase = 16 past the border, + margin
+
+
+@pytest.mark.parametrize(("tile", "margin"), [(64, 16), (64, 8), (640, 160), (320, 64), (64, 0)])
+def test_neighbouring_blocks_share_one_line_of_tiles(tile, margin):
+    """A block border is straddled by one tile per lattice line (none without overlap)."""
+    grid = TileGrid(5000, 5000, tile, margin)
+    block_size = align_block_size(1000, grid)
+    blocks = {(b.row, b.col): b for b in plan_blocks(grid, block_size)}
+    a, b = blocks[1, 1], blocks[1, 2]
+    shared = {t.x0 for t in a.tiles} & {t.x0 for t in b.tiles}
+    assert len(shared) == (1 if margin else 0)
+    assert len({t.x0 for t in a.tiles}) == block_size // grid.stride + (1 if margin else 0)
 
 
 def test_box_rejects_empty():
