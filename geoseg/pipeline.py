@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -203,20 +205,57 @@ def _worker_predictor(job: BlockJob) -> Predictor:
     return Predictor(model, contract, scales=job.scales, flip=job.flip, device=job.device, batch_size=job.batch_size)
 
 
-def process_block(job: BlockJob, block: Block) -> int:
-    """Read, predict, blend and write one block (runs on a worker). Returns the tiles it ran."""
+def read_block(job: BlockJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """A block's read box from the scene: (C, h, w) float32 bands and the (h, w) validity mask."""
+    with gdal_env(), rasterio.open(job.scene) as src:
+        return read_window(src, block.read, bands=job.bands)
+
+
+def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
+    """Read, predict, blend and write blocks (runs on a worker). Returns the tiles it ran.
+
+    The model never waits for I/O: while block ``i`` is predicted on this thread, a reader thread
+    reads block ``i + 1`` and a writer thread writes block ``i - 1`` into the store. At most one
+    block is read ahead and one write is pending, so memory stays at about three blocks.
+    ``on_block`` is called as each block's write completes.
+    """
     predictor = _worker_predictor(job)
     contract = predictor.contract
-    with gdal_env(), rasterio.open(job.scene) as src:
-        data, valid = read_window(src, block.read, bands=job.bands)
-    image = contract.normalise(data, valid, inplace=True)
-    with torch_threads(job.torch_threads):
-        result = blend_block(
-            block, image, valid, predictor.predict_proba, margin=job.margin, class_ids=contract.classes.ids,
-            batch_size=job.batch_size, keep_probabilities=job.probabilities,
-        )
-    write_block(Path(job.store), block, result)
-    return len(block.tiles)
+    store = Path(job.store)
+    with ThreadPoolExecutor(1, thread_name_prefix="geoseg-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="geoseg-write") as writer:
+        ahead = reader.submit(read_block, job, blocks[0]) if blocks else None
+        writing: Future | None = None
+        for i, block in enumerate(blocks):
+            data, valid = ahead.result()
+            ahead = reader.submit(read_block, job, blocks[i + 1]) if i + 1 < len(blocks) else None
+            image = contract.normalise(data, valid, inplace=True)
+            with torch_threads(job.torch_threads):
+                result = blend_block(
+                    block, image, valid, predictor.proba, margin=job.margin, class_ids=contract.classes.ids,
+                    batch_size=job.batch_size, keep_probabilities=job.probabilities, device=predictor.device,
+                )
+            del data, image
+            if writing is not None:
+                writing.result()
+                if on_block:
+                    on_block()
+            writing = writer.submit(write_block, store, block, result)
+        if writing is not None:
+            writing.result()
+            if on_block:
+                on_block()
+    return sum(len(b.tiles) for b in blocks)
+
+
+def block_groups(blocks: Sequence[Block], workers: int) -> list[tuple[Block, ...]]:
+    """Split blocks, in order, into groups of consecutive blocks: one Dask task each.
+
+    A group of ``g = clip(ceil(n / (4 * workers)), 1, 8)`` blocks lets a worker overlap one block's I/O
+    with the next block's compute, while every worker still gets about four groups to balance load.
+    """
+    g = min(8, max(1, math.ceil(len(blocks) / (4 * max(workers, 1)))))
+    return [tuple(blocks[i : i + g]) for i in range(0, len(blocks), g)]
 
 
 def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progress | None = None) -> tuple[int, int]:
@@ -229,24 +268,30 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
     todo = [b for b in plan.blocks if not done[b.row, b.col]]
     skipped = len(plan.blocks) - len(todo)
     total = len(plan.blocks)
+    finished = skipped
     if progress:
-        progress(skipped, total)
+        progress(finished, total)
+
+    def one_more(n: int = 1) -> None:
+        nonlocal finished
+        finished += n
+        if progress:
+            progress(finished, total)
+
     if client is None:
-        for i, block in enumerate(todo, start=1):
-            process_block(plan.job, block)
-            if progress:
-                progress(skipped + i, total)
+        process_blocks(plan.job, todo, on_block=one_more)
         return len(todo), skipped
     resources = {GPU_RESOURCE: 1} if plan.job.device == "cuda" and gpu_workers(client) else None
+    groups = block_groups(todo, len(client.scheduler_info()["workers"]))
     [job] = client.scatter([plan.job], broadcast=True)
     futures = client.map(
-        process_block, [job] * len(todo), todo, resources=resources, pure=False,
-        key=[f"geoseg-block-{plan.fingerprint[:12]}-{b.row}-{b.col}" for b in todo],
+        process_blocks, [job] * len(groups), groups, resources=resources, pure=False,
+        key=[f"geoseg-blocks-{plan.fingerprint[:12]}-{g[0].row}-{g[0].col}" for g in groups],
     )
-    for i, future in enumerate(as_completed(futures), start=1):
+    size = {f.key: len(g) for f, g in zip(futures, groups, strict=True)}
+    for future in as_completed(futures):
         future.result()
-        if progress:
-            progress(skipped + i, total)
+        one_more(size[future.key])
     return len(todo), skipped
 
 

@@ -182,13 +182,21 @@ class Predictor:
         if not np.isfinite(tiles).all():
             raise ValueError("tiles hold NaN or inf; normalise them with ModelContract.normalise, "
                              "which zeroes invalid pixels")
-        out = np.empty((n, self.contract.num_classes, h, w), np.float32)
+        return self.proba(torch.from_numpy(tiles)).cpu().numpy()
+
+    def proba(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities of ``(N, C, H, W)`` float32 tiles, as ``(N, K, H, W)`` float32 on the device.
+
+        The tensor form of :meth:`predict_proba` for callers that keep data on the device (blending):
+        no checks, no copy back to the host.
+        """
+        n, _, h, w = tiles.shape
         self.model.eval()
         guard = _cudnn_deterministic() if self._cuda else contextlib.nullcontext()
         with guard, torch.inference_mode():
+            out = torch.empty((n, self.contract.num_classes, h, w), dtype=torch.float32, device=self.device)
             for i in range(0, n, self.batch_size):
-                x = torch.from_numpy(tiles[i : i + self.batch_size]).to(self.device)
-                out[i : i + self.batch_size] = self._batch(x).cpu().numpy()
+                out[i : i + self.batch_size] = self._batch(tiles[i : i + self.batch_size].to(self.device))
         return out
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
