@@ -9,7 +9,8 @@ then in the same run:
   already on the device (``Predictor.proba``: forward passes, resizing and softmax only).
 
 Prints one row per size: tiles run (a tile touching two blocks' cores runs once per block), lattice
-tiles (each tile once), e2e s, model s, ratio e2e/model, peak PSS and RSS in MB, and stage times.
+tiles (each tile once), e2e s, model s, ratio e2e/model, e2e peak PSS and RSS in MB, model-only
+peak PSS (the floor: interpreter, libraries, model and one batch), and stage times.
 
     python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
     python bench/pipeline.py --sizes 10000 40000 --arch tiny --tile 512 --skip-model   # memory run
@@ -170,16 +171,17 @@ def main() -> None:
     print(f"# bench/pipeline.py {date.today()} on {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; checkpoint {checkpoint.name}, device {args.device}, workers {args.workers}")
     print(f"{'size':>7} {'tiles':>7} {'lattice':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'pss_mb':>7} "
-          f"{'rss_mb':>7}  stages")
+          f"{'rss_mb':>7} {'model_pss_mb':>12}  stages")
     for size in args.sizes:
         scene = make_scene(size)
         e2e = run_child("e2e", args, scene, checkpoint)
         model = None if args.skip_model else run_child("model", args, scene, checkpoint)
         ratio = f"{e2e['seconds'] / model['seconds']:.3f}" if model else "-"
         model_s = f"{model['seconds']:.1f}" if model else "-"
+        model_pss = f"{model['peak_pss_mb']:.0f}" if model else "-"
         stages = " ".join(f"{k}={v:.1f}" for k, v in e2e["timings"].items())
         print(f"{size:>7} {e2e['tiles']:>7} {e2e['lattice_tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} "
-              f"{ratio:>6} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f}  {stages}", flush=True)
+              f"{ratio:>6} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  {stages}", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from geoseg.cluster import GPU_RESOURCE, gpu_workers
 from geoseg.config import PredictConfig
 from geoseg.errors import OutputExistsError
 from geoseg.export.cog import write_class_cog, write_confidence_cog
+from geoseg.heap import trim_freed_memory
 from geoseg.predict import Predictor, resolve_device
 from geoseg.raster import SceneInfo, gdal_env, open_scene, pixel_areas_m2, read_window, require_valid_pixels
 from geoseg.stitch import CLASS_NODATA, blend_block
@@ -206,9 +207,9 @@ def _worker_predictor(job: BlockJob) -> Predictor:
 
 
 def read_block(job: BlockJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
-    """A block's read box from the scene: (C, h, w) float32 bands and the (h, w) validity mask."""
+    """A block's read box in the scene's data type: (C, h, w) bands and the (h, w) validity mask."""
     with gdal_env(), rasterio.open(job.scene) as src:
-        return read_window(src, block.read, bands=job.bands)
+        return read_window(src, block.read, bands=job.bands, dtype=None)
 
 
 def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
@@ -219,32 +220,34 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
     block is read ahead and one write is pending, so memory stays at about three blocks.
     ``on_block`` is called as each block's write completes.
     """
+    trim_freed_memory()
     predictor = _worker_predictor(job)
     contract = predictor.contract
-    store = Path(job.store)
+    writing: Future | None = None
+
+    def finish_write() -> None:
+        if writing is not None:
+            writing.result()
+            if on_block:
+                on_block()
+
     with ThreadPoolExecutor(1, thread_name_prefix="geoseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="geoseg-write") as writer:
         ahead = reader.submit(read_block, job, blocks[0]) if blocks else None
-        writing: Future | None = None
         for i, block in enumerate(blocks):
             data, valid = ahead.result()
             ahead = reader.submit(read_block, job, blocks[i + 1]) if i + 1 < len(blocks) else None
             image = contract.normalise(data, valid, inplace=True)
+            del data
             with torch_threads(job.torch_threads):
                 result = blend_block(
                     block, image, valid, predictor.proba, margin=job.margin, class_ids=contract.classes.ids,
                     batch_size=job.batch_size, keep_probabilities=job.probabilities, device=predictor.device,
                 )
-            del data, image
-            if writing is not None:
-                writing.result()
-                if on_block:
-                    on_block()
-            writing = writer.submit(write_block, store, block, result)
-        if writing is not None:
-            writing.result()
-            if on_block:
-                on_block()
+            del image
+            finish_write()
+            writing = writer.submit(write_block, Path(job.store), block, result)
+        finish_write()
     return sum(len(b.tiles) for b in blocks)
 
 

@@ -213,16 +213,24 @@ def read_window(
     box: Box,
     *,
     bands: Sequence[int] | None = None,
+    dtype: str | None = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``box`` (scene pixel coordinates, may reach past the edges) as float32 with a validity mask.
+    """Read ``box`` (scene pixel coordinates, may reach past the edges) with a validity mask.
 
     Pixels outside the scene are filled by mirroring the scene about its edges (numpy's ``reflect``
     applied to the whole scene), so the values never depend on which window asked for them; they are
     marked invalid. A pixel is valid when every band is valid per GDAL's mask (nodata value, alpha or
-    mask band) and finite (NaN counts as invalid).
+    mask band) and finite (NaN counts as invalid; it is read as 0).
+
+    Args:
+        src: the open scene.
+        box: the pixels to read.
+        bands: 1-based band indexes (default: all).
+        dtype: the returned data type; ``None`` keeps the scene's own (a uint8 scene then costs a
+            quarter of float32's memory, e.g. while a block waits to be processed).
 
     Returns:
-        ``(data, valid)``: ``data`` is (bands, h, w) float32, ``valid`` is (h, w) bool.
+        ``(data, valid)``: ``data`` is (bands, h, w), ``valid`` is (h, w) bool.
     """
     bands = list(bands or range(1, src.count + 1))
     if box.intersection(Box(0, 0, src.height, src.width)) is None:
@@ -231,16 +239,18 @@ def read_window(
     cols = _reflect(box.x0, box.x1, src.width)
     r0, c0 = int(rows.min()), int(cols.min())
     window = Window(c0, r0, int(cols.max()) - c0 + 1, int(rows.max()) - r0 + 1)
-    data = src.read(bands, window=window, out_dtype="float32")
+    data = src.read(bands, window=window, out_dtype=dtype)
     valid = np.all(src.read_masks(bands, window=window) > 0, axis=0)
-    finite = np.isfinite(data)
-    if not finite.all():
-        valid &= finite.all(axis=0)
-        data[~finite] = 0.0
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            valid &= finite.all(axis=0)
+            data[~finite] = 0
     inside = box.intersection(Box(0, 0, src.height, src.width))
     if (rows.size, cols.size) != (window.height, window.width) or inside != box:
-        data = data[:, rows - r0][:, :, cols - c0]
-        valid = valid[rows - r0][:, cols - c0]
+        index = np.ix_(rows - r0, cols - c0)  # one copy of the mirrored window, not one per axis
+        data = data[(slice(None), *index)]
+        valid = valid[index]
         outside = np.ones(box.shape, dtype=bool)
         outside[inside.relative_to(box)] = False
         valid[outside] = False

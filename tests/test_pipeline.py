@@ -163,3 +163,15 @@ def test_vectorise_stage_writes_polygons_matching_the_class_map(tiny_checkpoint,
         got = polygons.loc[polygons.class_id == area["class_id"], "area_m2"].sum()
         assert got == pytest.approx(area["area_km2"] * 1e6, rel=1e-6)
     assert polygons["mean_conf"].between(1 / 7 - 1e-6, 1).all()
+
+
+def test_trim_freed_memory_uses_dasks_worker_setting():
+    """In-process runs get the glibc trim threshold Dask's nanny gives its workers (see geoseg.heap)."""
+    import ctypes.util
+    import sys
+
+    from geoseg.heap import trim_freed_memory
+
+    glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
+    assert trim_freed_memory() is glibc
+    assert trim_freed_memory() is glibc  # idempotent
