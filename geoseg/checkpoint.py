@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from geoseg.config import BACKBONES, ClassSchema, ModelConfig, validate
 from geoseg.errors import CheckpointError, ConfigError
 from geoseg.models import build_model, receptive_field, required_stride
 from geoseg.raster import SceneInfo, check_bands
+
+#: A numpy array or a torch tensor (``ModelContract.normalise`` returns the kind it is given).
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 FORMAT = "geoseg-checkpoint"
 VERSION = 1
@@ -125,30 +128,33 @@ class ModelContract:
         """The multiple tiles are padded to before the forward (:func:`geoseg.models.required_stride`)."""
         return required_stride(self.arch)
 
-    def normalise(self, data: np.ndarray, valid: np.ndarray, *, inplace: bool = False) -> np.ndarray:
-        """Per band ``(data * scale - mean) / std``, with invalid pixels set to 0.
+    def normalise(self, data: Array, valid: Array, *, inplace: bool = False) -> Array:
+        """Per band ``(data * scale - mean) / std`` in float32, with invalid pixels set to 0.
+
+        Numpy arrays give a numpy array; tensors give a tensor on their device (the predict job
+        normalises a block on the GPU, after copying its bands there in the scene's small data type).
+        Both run the same float32 operations, so they give the same values.
 
         Args:
             data: ``(C, H, W)`` pixel values in the network's band order.
-            valid: ``(H, W)`` bool, False where the pixel is nodata.
-
+            valid: ``(H, W)`` bool, False where the pixel is nodata (same kind as ``data``).
             inplace: reuse ``data``'s memory when it is float32 (a block then holds one copy of its bands).
 
         Returns:
             ``(C, H, W)`` float32.
         """
+        if isinstance(data, np.ndarray):
+            return self.normalise(torch.from_numpy(data), torch.from_numpy(np.asarray(valid)), inplace=inplace).numpy()
         if data.ndim != 3 or data.shape[0] != self.in_channels:
             raise ValueError(f"expected ({self.in_channels}, H, W) data for bands {list(self.band_names)}, "
-                             f"got shape {data.shape}")
+                             f"got shape {tuple(data.shape)}")
         if valid.shape != data.shape[1:]:
-            raise ValueError(f"valid mask shape {valid.shape} does not match data {data.shape[1:]}")
-        mean = np.asarray(self.mean, np.float32)[:, None, None]
-        std = np.asarray(self.std, np.float32)[:, None, None]
-        out = data.astype(np.float32, copy=not inplace)
-        out *= np.float32(self.scale)
-        out -= mean
-        out /= std
-        out[:, ~valid] = 0.0
+            raise ValueError(f"valid mask shape {tuple(valid.shape)} does not match data {tuple(data.shape[1:])}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=data.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32, device=data.device)[:, None, None]
+        out = data.to(torch.float32, copy=not inplace)
+        out.mul_(torch.tensor(self.scale, dtype=torch.float32)).sub_(mean).div_(std)
+        out[:, ~valid.to(out.device)] = 0.0
         return out
 
     def to_dict(self) -> dict[str, Any]:

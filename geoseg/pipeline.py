@@ -237,9 +237,10 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
         for i, block in enumerate(blocks):
             data, valid = ahead.result()
             ahead = reader.submit(read_block, job, blocks[i + 1]) if i + 1 < len(blocks) else None
-            image = contract.normalise(data, valid, inplace=True)
-            del data
             with torch_threads(job.torch_threads):
+                bands = torch.from_numpy(data).to(predictor.device)
+                image = contract.normalise(bands, torch.from_numpy(valid), inplace=True)
+                del data, bands
                 result = blend_block(
                     block, image, valid, predictor.proba, margin=job.margin, class_ids=contract.classes.ids,
                     batch_size=job.batch_size, keep_probabilities=job.probabilities, device=predictor.device,

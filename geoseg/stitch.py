@@ -64,7 +64,7 @@ def _batches(block: Block, batch_size: int) -> Iterator[tuple[Box, ...]]:
 
 def blend_block(
     block: Block,
-    image: np.ndarray,
+    image: torch.Tensor,
     valid: np.ndarray,
     proba: ProbaFn,
     *,
@@ -82,7 +82,7 @@ def blend_block(
 
     Args:
         block: the block to process.
-        image: normalised bands over ``block.read``, (C, h, w) float32.
+        image: normalised bands over ``block.read``, (C, h, w) float32, on ``device`` (or the CPU).
         valid: validity over ``block.read``, (h, w) bool; invalid core pixels get :data:`CLASS_NODATA`.
         proba: class probabilities of a batch of tiles, on ``device`` (e.g. ``Predictor.proba``).
         margin: the tile grid's context margin (sets the blend window).
@@ -95,13 +95,13 @@ def blend_block(
     tile = block.tiles[0].height
     device = torch.device(device)
     with torch.inference_mode():
-        img = torch.from_numpy(image).to(device)
+        image = image.to(device)
         weights = torch.from_numpy(blend_window(tile, margin).copy()).to(device)
         acc: torch.Tensor | None = None
         scratch: torch.Tensor | None = None
         wsum = torch.zeros(core.shape, dtype=torch.float32, device=device)
         for batch in _batches(block, batch_size):
-            prob = proba(torch.stack([img[(slice(None), *t.relative_to(read))] for t in batch]))
+            prob = proba(torch.stack([image[(slice(None), *t.relative_to(read))] for t in batch]))
             if acc is None:
                 acc = torch.zeros((prob.shape[1], *core.shape), dtype=torch.float32, device=device)
                 scratch = torch.empty((prob.shape[1], tile, tile), dtype=torch.float32, device=device)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import rasterio
+import torch
 from conftest import DATA, NC_SCENE
 from rasterio.windows import Window
 
@@ -24,7 +25,7 @@ def stitch_scene(checkpoint, grid: TileGrid, block_size: int, *, scene=NC_SCENE)
     with rasterio.open(scene) as src:
         for b in plan_blocks(grid, block_size):
             data, valid = read_window(src, b.read)
-            r = blend_block(b, contract.normalise(data, valid), valid, predictor.proba,
+            r = blend_block(b, torch.from_numpy(contract.normalise(data, valid)), valid, predictor.proba,
                             margin=grid.margin, class_ids=contract.classes.ids, batch_size=4)
             class_map[b.core.y0:b.core.y1, b.core.x0:b.core.x1] = r.class_id
             conf[b.core.y0:b.core.y1, b.core.x0:b.core.x1] = r.confidence
