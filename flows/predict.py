@@ -30,14 +30,16 @@ from geoseg.errors import GeosegError
 from geoseg.pipeline import (
     RunPlan,
     RunResult,
+    Stages,
     class_areas,
     finalise,
-    plan_run,
-    prepare_outputs,
+    plan_and_prepare,
     run_blocks,
+    run_stages,
     vectorise_stage,
     write_summary,
 )
+from geoseg.store import done_blocks
 
 #: Seconds between progress-artifact updates (each is an API call).
 PROGRESS_EVERY_S = 2.0
@@ -57,11 +59,11 @@ def retry_io_only(task: object, task_run: object, state: State) -> bool:
 @task(name="plan", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def plan_task(scene: str, checkpoint: str, out_dir: str, config: PredictConfig, overwrite: bool) -> RunPlan:
     """Validate inputs, plan blocks, prepare (or resume) the Zarr store."""
-    plan = plan_run(scene, checkpoint, out_dir, config=config)
-    resumed = prepare_outputs(plan, overwrite=overwrite)
+    plan = plan_and_prepare(scene, checkpoint, out_dir, config, overwrite)
+    done = int(done_blocks(plan.store).sum())
     get_run_logger().info(
         "%d blocks of %d px (%d tiles of %d px, margin %d)%s", len(plan.blocks), plan.block_size,
-        plan.tiles, plan.grid.tile, plan.grid.margin, "; resuming" if resumed else "",
+        plan.tiles, plan.grid.tile, plan.grid.margin, f"; resuming, {done} already done" if done else "",
     )
     return plan
 
@@ -152,24 +154,9 @@ def predict(
         scheduler: address of an existing Dask scheduler (overrides the config).
     """
     cfg = settings_with_overrides(PredictConfig, config, workers=workers, scheduler=scheduler)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    plan = plan_task(scene, checkpoint, out_dir, cfg, overwrite)
-    timings["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    computed, skipped = blocks_task(plan)
-    timings["blocks"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outputs = finalise_task(plan)
-    timings["finalise"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    areas = areas_task(plan)
-    if cfg.vectorize:
-        outputs["polygons"] = vectorise_task(plan)
-    timings["vectorise"] = time.perf_counter() - t0
-    outputs["summary"] = str(plan.summary)
-    result = RunResult(outputs, areas, computed, skipped, timings)
-    summary_task(plan, result)
+    stages = Stages(plan=plan_task, blocks=blocks_task, finalise=finalise_task, areas=areas_task,
+                    vectorise=vectorise_task, summary=summary_task)
+    outputs = run_stages(stages, scene, checkpoint, out_dir, config=cfg, overwrite=overwrite).outputs
     print(f"outputs in {Path(out_dir).resolve()}:")
     for name, path in outputs.items():
         print(f"  {name:11s} {path}")

@@ -355,6 +355,61 @@ def vectorise_stage(plan: RunPlan, *, overwrite: bool = False) -> str:
     return str(plan.polygons)
 
 
+@dataclass(frozen=True)
+class Stages:
+    """The stages of a predict job, each a plain callable; the Prefect flow passes task-wrapped ones.
+
+    ``plan(scene, checkpoint, out_dir, config, overwrite)`` validates, plans and prepares the store;
+    the others take the plan (``summary`` also the result) and return what :func:`run_stages` records.
+    """
+
+    plan: Callable[[str | Path, str | Path, str | Path, PredictConfig, bool], RunPlan]
+    blocks: Callable[[RunPlan], tuple[int, int]]
+    finalise: Callable[[RunPlan], dict[str, str]]
+    areas: Callable[[RunPlan], list[dict[str, Any]]]
+    vectorise: Callable[[RunPlan], str]
+    summary: Callable[[RunPlan, RunResult], Any]
+
+
+def plan_and_prepare(
+    scene: str | Path, checkpoint: str | Path, out_dir: str | Path, config: PredictConfig, overwrite: bool
+) -> RunPlan:
+    """The plan stage: :func:`plan_run`, then :func:`prepare_outputs` (create or resume the store)."""
+    plan = plan_run(scene, checkpoint, out_dir, config=config)
+    prepare_outputs(plan, overwrite=overwrite)
+    return plan
+
+
+def run_stages(
+    stages: Stages,
+    scene: str | Path,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    config: PredictConfig,
+    overwrite: bool,
+) -> RunResult:
+    """Run the stages in order, timing each: plan → blocks → finalise → areas (+ vectorise) → summary."""
+    timings: dict[str, float] = {}
+
+    def timed(name: str, stage: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = stage(*args)
+        timings[name] = time.perf_counter() - t0
+        return out
+
+    plan = timed("plan", stages.plan, scene, checkpoint, out_dir, config, overwrite)
+    computed, skipped = timed("blocks", stages.blocks, plan)
+    outputs = timed("finalise", stages.finalise, plan)
+    areas = timed("areas", stages.areas, plan)
+    if config.vectorize:
+        outputs["polygons"] = timed("vectorise", stages.vectorise, plan)
+    outputs["summary"] = str(plan.summary)
+    result = RunResult(outputs, areas, computed, skipped, timings)
+    stages.summary(plan, result)
+    return result
+
+
 def predict_raster(
     scene: str | Path,
     checkpoint: str | Path,
@@ -376,23 +431,12 @@ def predict_raster(
         overwrite: replace outputs of another run in ``out_dir``.
         progress: called with ``(blocks_done, blocks_total)``.
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    plan = plan_run(scene, checkpoint, out_dir, config=config)
-    prepare_outputs(plan, overwrite=overwrite)
-    timings["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    computed, skipped = run_blocks(plan, client=client, progress=progress)
-    timings["blocks"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outputs = finalise(plan, overwrite=True)
-    timings["finalise"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    areas = class_areas(plan)
-    if plan.config.vectorize:
-        outputs["polygons"] = vectorise_stage(plan, overwrite=True)
-    timings["vectorise"] = time.perf_counter() - t0
-    result = RunResult(outputs, areas, computed, skipped, timings)
-    outputs["summary"] = str(plan.summary)
-    write_summary(plan, result)
-    return result
+    stages = Stages(
+        plan=plan_and_prepare,
+        blocks=lambda plan: run_blocks(plan, client=client, progress=progress),
+        finalise=lambda plan: finalise(plan, overwrite=True),
+        areas=class_areas,
+        vectorise=lambda plan: vectorise_stage(plan, overwrite=True),
+        summary=write_summary,
+    )
+    return run_stages(stages, scene, checkpoint, out_dir, config=config or PredictConfig(), overwrite=overwrite)
