@@ -9,7 +9,10 @@ then in the same run:
   already on the device (``Predictor.proba``: forward passes, resizing and softmax only).
 
 Prints one row per size: tiles run (a tile touching two blocks' cores runs once per block), lattice
-tiles (each tile once), e2e s, model s, ratio e2e/model, e2e peak PSS and RSS in MB, model-only
+tiles (each tile once), e2e s, model s, ratio e2e/model (wall) and cpu_ratio (the same sections'
+process CPU time, all threads: steadier when other jobs share the machine, and an upper bound with one
+worker, since the read/write threads' CPU counts even where it overlaps the model's), e2e peak PSS
+and RSS in MB, model-only
 peak PSS (the floor: interpreter, libraries, model and one batch), and stage times.
 
     python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
@@ -93,15 +96,15 @@ def child_e2e(args: argparse.Namespace) -> dict:
     cfg = PredictConfig(block_size=args.block_size, batch_size=args.batch, device=args.device,
                         vectorize=args.vectorize, workers=args.workers)
     out = WORK / f"out_{Path(args.scene).stem}"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if args.workers == 1:
         result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True)
     else:
         with dask_client(workers=args.workers, device=args.device) as client:
             result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
-    return {"seconds": seconds, "tiles": plan.tiles, "lattice_tiles": plan.grid.rows * plan.grid.cols,
+    return {"seconds": seconds, "cpu_s": cpu_s, "tiles": plan.tiles, "lattice_tiles": plan.grid.rows * plan.grid.cols,
             "blocks": len(plan.blocks), "timings": result.timings, "margin": plan.grid.margin,
             "tile": plan.grid.tile}
 
@@ -128,12 +131,12 @@ def child_model(args: argparse.Namespace) -> dict:
         predictor.proba(x[:1])  # warm-up
         if plan.job.device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for n in batches:
             predictor.proba(x[:n])
         if plan.job.device == "cuda":
             torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - t0, "tiles": sum(batches)}
+    return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "tiles": sum(batches)}
 
 
 def run_child(mode: str, args: argparse.Namespace, scene: Path, checkpoint: Path) -> dict:
@@ -170,18 +173,20 @@ def main() -> None:
     checkpoint = args.checkpoint or make_checkpoint(args.arch, args.backbone, args.tile)
     print(f"# bench/pipeline.py {date.today()} on {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; checkpoint {checkpoint.name}, device {args.device}, workers {args.workers}")
-    print(f"{'size':>7} {'tiles':>7} {'lattice':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'pss_mb':>7} "
-          f"{'rss_mb':>7} {'model_pss_mb':>12}  stages")
+    print(f"{'size':>7} {'tiles':>7} {'lattice':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'cpu_ratio':>9} "
+          f"{'pss_mb':>7} {'rss_mb':>7} {'model_pss_mb':>12}  stages")
     for size in args.sizes:
         scene = make_scene(size)
         e2e = run_child("e2e", args, scene, checkpoint)
         model = None if args.skip_model else run_child("model", args, scene, checkpoint)
         ratio = f"{e2e['seconds'] / model['seconds']:.3f}" if model else "-"
+        cpu_ratio = f"{e2e['cpu_s'] / model['cpu_s']:.3f}" if model else "-"
         model_s = f"{model['seconds']:.1f}" if model else "-"
         model_pss = f"{model['peak_pss_mb']:.0f}" if model else "-"
         stages = " ".join(f"{k}={v:.1f}" for k, v in e2e["timings"].items())
         print(f"{size:>7} {e2e['tiles']:>7} {e2e['lattice_tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} "
-              f"{ratio:>6} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  {stages}", flush=True)
+              f"{ratio:>6} {cpu_ratio:>9} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  "
+              f"{stages}", flush=True)
 
 
 if __name__ == "__main__":
