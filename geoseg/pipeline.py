@@ -300,9 +300,14 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
 
 
 def finalise(plan: RunPlan, *, overwrite: bool = False) -> dict[str, str]:
-    """Write the class and confidence COGs from the store."""
-    write_class_cog(plan.store, plan.class_map, plan.contract.classes, overwrite=overwrite)
-    write_confidence_cog(plan.store, plan.confidence_map, overwrite=overwrite)
+    """Write the class and confidence COGs from the store, side by side (GDAL releases the GIL)."""
+    with ThreadPoolExecutor(2, thread_name_prefix="geoseg-cog") as pool:
+        cogs = [
+            pool.submit(write_class_cog, plan.store, plan.class_map, plan.contract.classes, overwrite=overwrite),
+            pool.submit(write_confidence_cog, plan.store, plan.confidence_map, overwrite=overwrite),
+        ]
+        for cog in cogs:
+            cog.result()
     return {"class_map": str(plan.class_map), "confidence": str(plan.confidence_map), "store": str(plan.store)}
 
 
