@@ -19,8 +19,10 @@ from geoseg.errors import (
 from geoseg.export.vector import VectorWriter
 from geoseg.inbox import Scene, find_scenes, read_ledger, take_inventory, write_ledger
 from geoseg.models import build_model, receptive_field, required_stride
+from geoseg.pipeline import RunPlan, RunResult, plan_run, predict_raster
 from geoseg.predict import Predictor, resolve_device
 from geoseg.raster import SceneInfo, band_stats, open_scene, read_window, resolve_bands
+from geoseg.stitch import blend_block, seam_index
 from geoseg.tiling import Block, Box, TileGrid, align_block_size, context_margin, plan_blocks
 from geoseg.vectorize import VectorizeSummary  # geoseg.vectorize stays the module: vectorize.vectorize(...)
 
@@ -34,6 +36,12 @@ __all__ = [
     "write_ledger",
     "ModelContract",
     "Predictor",
+    "RunPlan",
+    "RunResult",
+    "blend_block",
+    "plan_run",
+    "predict_raster",
+    "seam_index",
     "build_model",
     "check_scene",
     "contract_for",
