@@ -299,17 +299,30 @@ def band_stats(
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
-def _require_some_valid(src: rasterio.DatasetReader, scene: SceneInfo) -> None:
-    """Raise if a coarse (at most 1024² px) read of the masks finds no valid pixel at all."""
+def _require_some_valid(src: rasterio.DatasetReader, scene: SceneInfo, *, strips: int = 16) -> None:
+    """Raise if a coarse (at most 1024² px) read of the masks finds no valid pixel at all.
+
+    The scene is read decimated in ``strips`` horizontal strips, middle first, stopping at the first
+    valid pixel: a usual scene costs one strip, not a pass over the whole file; only a scene that is
+    all invalid is read through (once, with GDAL's cache bounded by :func:`gdal_env`).
+    """
     scale = max(1, int(np.ceil(max(scene.shape) / 1024)))
-    shape = (max(1, scene.height // scale), max(1, scene.width // scale))
-    masks = src.read_masks(out_shape=(src.count, *shape))
-    data = src.read(out_shape=(src.count, *shape), out_dtype="float32")
-    if not (np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)).any():
-        raise InvalidSceneError(
-            f"{scene.path}: every pixel is invalid (nodata, masked or NaN); there is nothing to classify. "
-            "Check the nodata value (`gdalinfo`) or pick another scene."
-        )
+    out_w = max(1, scene.width // scale)
+    edges = np.linspace(0, scene.height, min(strips, scene.height) + 1).astype(int)
+    middle_first = sorted(range(len(edges) - 1), key=lambda i: abs(2 * i + 1 - (len(edges) - 1)))
+    with gdal_env():
+        for i in middle_first:
+            window = Window(0, int(edges[i]), scene.width, int(edges[i + 1] - edges[i]))
+            shape = (src.count, max(1, window.height // scale), out_w)
+            valid = np.all(src.read_masks(window=window, out_shape=shape) > 0, axis=0)
+            if scene.dtype.startswith("float") and valid.any():
+                valid &= np.all(np.isfinite(src.read(window=window, out_shape=shape)), axis=0)
+            if valid.any():
+                return
+    raise InvalidSceneError(
+        f"{scene.path}: every pixel is invalid (nodata, masked or NaN); there is nothing to classify. "
+        "Check the nodata value (`gdalinfo`) or pick another scene."
+    )
 
 
 def require_valid_pixels(scene: SceneInfo) -> None:

@@ -88,6 +88,15 @@ def test_all_invalid(tmp_path):
         require_valid_pixels(s)
 
 
+def test_valid_pixels_in_one_edge_strip_are_found(tmp_path):
+    data = np.zeros((3, 64, 20), "uint8")
+    data[:, 0, 3] = 7  # one valid pixel in the first row: the strip read last
+    require_valid_pixels(open_scene(write_geotiff(tmp_path / "edge.tif", data, nodata=0)))
+    nan = np.full((1, 64, 20), np.nan, "float32")
+    with pytest.raises(InvalidSceneError, match="every pixel is invalid"):
+        require_valid_pixels(open_scene(write_geotiff(tmp_path / "nan.tif", nan)))
+
+
 def test_bands_by_name_and_index(rgb_uint8):
     s = open_scene(rgb_uint8)
     assert resolve_bands(s, ["blue", "red"]) == (3, 1)
