@@ -2,12 +2,14 @@
 
 Generates synthetic class maps (a low-frequency noise field with some speckle, quantised into 7
 classes, with a nodata lake; written block-wise as tiled, deflate-compressed uint8 GeoTIFFs under
-.tmp/), or takes given maps, and measures each method in its own subprocess: wall time,
-CPU seconds of the whole process tree (steadier than wall time on a shared machine), polygons/s
-(wall), and peak memory: the process tree's proportional set size (PSS) summed, polled with psutil
-("peak MB"), and the main process's own peak RSS from getrusage ("main MB").
+.tmp/), or takes given maps, and runs each method in its own subprocess (``bench/measure.py``):
+``work s`` is the method's own wall time (imports excluded), ``import s`` the time its imports took,
+``total s`` the whole child process, ``CPU s`` the CPU seconds of the whole process tree (steadier
+than wall time on a shared machine), and ``peak MB`` the tree's peak proportional set size (PSS:
+pages shared by forked workers counted once).
 
     python bench/vectorize.py --sizes 10000 30000
+    python bench/vectorize.py --sizes 10000 --repeat 2 --baseline .tmp/before   # also an older geoseg
     python bench/vectorize.py --worldcover          # also the ESA WorldCover tile, if present
     python bench/vectorize.py --maps my_map.tif --keep
 
@@ -15,22 +17,25 @@ Methods: ``imports`` (only ``import geoseg.vectorize``: the memory floor of the 
 geoseg); ``vectorize`` (GeoPackage out, all attributes); ``shapes`` (whole array in memory,
 ``rasterio.features.shapes(connectivity=4)`` consumed, GeoJSON-like dicts discarded, nothing
 written); ``shapes+gpkg`` (whole array, shapes turned into a GeoDataFrame and written to a
-GeoPackage: the naive pipeline that produces the same file).
+GeoPackage: the naive pipeline that produces the same file). With ``--baseline DIR`` (a folder
+holding a ``geoseg`` package, e.g. ``git archive HEAD geoseg | tar -x -C DIR``), ``baseline`` runs
+``vectorize`` from that copy, interleaved with the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLDCOVER = Path("/work/shared/data/variety/ESA_WorldCover_10m_2021_v200_N00E006_Map.tif")
@@ -92,22 +97,20 @@ def make_map(path: Path, size: int, *, seed: int = 0, chunk: int = 2048) -> Path
 def run_one(method: str, raster: str, out: str, block_size: int, workers: int | None) -> dict:
     """Run one method in this process and return its figures."""
     t0 = time.perf_counter()
-    if method == "imports":  # the memory floor: what importing geoseg costs before any work
-        import geoseg.vectorize  # noqa: F401
-
-        polygons = 0
-    elif method == "vectorize":
+    if method in ("imports", "vectorize", "baseline"):
         from geoseg.vectorize import vectorize
-
-        summary = vectorize(raster, out, block_size=block_size, workers=workers, overwrite=True)
-        polygons = summary.polygons
     else:
         import rasterio
         from rasterio.features import shapes
-
+    t1 = time.perf_counter()
+    polygons = 0
+    if method in ("vectorize", "baseline"):
+        summary = vectorize(raster, out, block_size=block_size, workers=workers, overwrite=True)
+        polygons = summary.polygons
+    elif method != "imports":
         with rasterio.open(raster) as src:
             data = src.read(1)
-            transform, nodata = src.transform, src.nodata
+            transform, nodata, crs = src.transform, src.nodata, src.crs
         mask = data != (255 if nodata is None else nodata)
         if method == "shapes":
             polygons = sum(1 for _ in shapes(data, mask=mask, connectivity=4, transform=transform))
@@ -120,73 +123,48 @@ def run_one(method: str, raster: str, out: str, block_size: int, workers: int | 
                 geoms.append(shapely.geometry.shape(geom))
                 values.append(int(value))
             del data, mask
-            with rasterio.open(raster) as src:
-                crs = src.crs
             gdf = gpd.GeoDataFrame({"class_id": values}, geometry=geoms, crs=crs)
             gdf["area_m2"] = gdf.area
             gdf["perimeter_m"] = gdf.length
             gdf.to_file(out, driver="GPKG", engine="pyogrio")
             polygons = len(gdf)
-    seconds = time.perf_counter() - t0
-    self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "seconds": seconds, "polygons": polygons, "self_peak_mb": self_peak}
+    return {"method": method, "import_s": t1 - t0, "seconds": time.perf_counter() - t1, "polygons": polygons}
 
 
-def measure(method: str, raster: Path, out: Path, block_size: int, workers: int | None) -> dict:
-    """Run ``method`` in a fresh subprocess, polling the RSS of its whole process tree."""
-    import psutil
-
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        method,
-        str(raster),
-        str(out),
-        str(block_size),
-        str(workers or 0),
-    ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            # PSS: pages shared by forked workers are counted once across the tree
-            peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    stdout = proc.stdout.read().decode()
-    if proc.returncode:
-        raise SystemExit(f"{method} on {raster} failed with exit code {proc.returncode}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the workers the child waited for
-    result["tree_peak_mb"] = peak / 1024**2
-    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+def measure(method: str, raster: Path, out: Path, block_size: int, workers: int | None, baseline: Path | None) -> dict:
+    """Run ``method`` in a fresh subprocess and add what its process tree used."""
+    cmd = [sys.executable, __file__, "--child", method, str(raster), str(out), str(block_size), str(workers or 0)]
+    if method == "baseline":
+        cmd.append(str(Path(baseline).resolve()))
+    m = run_measured(cmd, cwd=ROOT)
+    result = json.loads(m.stdout.strip().splitlines()[-1])
+    result.update(total_s=m.seconds, cpu_s=m.cpu_s, peak_mb=m.peak_pss_mb)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10000, 30000], help="synthetic map sides")
     parser.add_argument("--maps", type=Path, nargs="*", default=[], help="existing class maps to add")
     parser.add_argument("--worldcover", action="store_true", help=f"add {WORLDCOVER.name} if present")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--baseline", type=Path, help="folder with an older geoseg package to run as 'baseline'")
     parser.add_argument("--block-size", type=int, default=2048)
-    parser.add_argument(
-        "--workers", type=int, default=None, help="vectorize workers (default: CPU count, max 4)"
-    )
+    parser.add_argument("--workers", type=int, default=None, help="vectorize workers (default: CPU count, max 4)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; best is shown")
     parser.add_argument("--keep", action="store_true", help="keep the generated maps and outputs")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        method, raster, out, block_size, workers = args.child
+        method, raster, out, block_size, workers, *baseline = args.child
+        sys.path[:0] = baseline  # the older geoseg comes first
         print(json.dumps(run_one(method, raster, out, int(block_size), int(workers) or None)))
         return
+    methods = list(args.methods)
+    if args.baseline:
+        if not (args.baseline / "geoseg" / "vectorize.py").exists():
+            raise SystemExit(f"--baseline {args.baseline}: no geoseg/vectorize.py there")
+        methods.insert(methods.index("vectorize") + 1 if "vectorize" in methods else 0, "baseline")
 
     (ROOT / ".tmp").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-vectorize-", dir=ROOT / ".tmp"))
@@ -202,23 +180,24 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(f"{WORLDCOVER} not found; skipped")
         print(
-            f"{'map':<34} {'method':<12} {'polygons':>9} {'wall s':>7} {'CPU s':>7} {'poly/s':>8} "
-            f"{'peak MB':>8} {'main MB':>8}"
+            f"{'map':<26} {'method':<12} {'polygons':>9} {'work s':>7} {'import s':>8} {'total s':>7} "
+            f"{'CPU s':>7} {'poly/s':>8} {'peak MB':>8}"
         )
         for raster in maps:
             best: dict[str, dict] = {}
             for _ in range(args.repeat):
-                for method in args.methods:
+                for method in methods:
                     out = work / f"{Path(raster).stem}.{method.replace('+', '_')}.gpkg"
-                    r = measure(method, raster, out, args.block_size, args.workers)
+                    r = measure(method, raster, out, args.block_size, args.workers, args.baseline)
                     out.unlink(missing_ok=True)
                     if method not in best or r["seconds"] < best[method]["seconds"]:
                         best[method] = r
             for method, r in best.items():
-                rate = r["polygons"] / r["seconds"]
+                rate = r["polygons"] / r["seconds"] if r["seconds"] else 0.0
                 print(
-                    f"{Path(raster).name[:34]:<34} {method:<12} {r['polygons']:>9} {r['seconds']:>7.1f} "
-                    f"{r['cpu_s']:>7.1f} {rate:>8.0f} {r['tree_peak_mb']:>8.0f} {r['self_peak_mb']:>8.0f}",
+                    f"{Path(raster).name[:26]:<26} {method:<12} {r['polygons']:>9} {r['seconds']:>7.1f} "
+                    f"{r['import_s']:>8.1f} {r['total_s']:>7.1f} {r['cpu_s']:>7.1f} {rate:>8.0f} "
+                    f"{r['peak_mb']:>8.0f}",
                     flush=True,
                 )
     finally:

@@ -365,19 +365,114 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, blobs):
 
 def test_failure_mid_run_leaves_no_output(tmp_path, blobs, monkeypatch):
     import geoseg.vectorize as module
+    from geoseg.export.vector import VectorWriter
 
     _, path = blobs
     calls = {"n": 0}
-    real = module._attributes
+    real = VectorWriter.write
 
-    def flaky(*args, **kwargs):
+    def flaky(self, batch):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        return real(*args, **kwargs)
+        return real(self, batch)
 
-    monkeypatch.setattr(module, "_attributes", flaky)
+    monkeypatch.setattr(VectorWriter, "write", flaky)
     monkeypatch.setattr(module, "_BATCH", 1)  # some batches are written before the failure
     with pytest.raises(OSError, match="disk full"):
         vectorize(path, tmp_path / "o.gpkg", block_size=16, workers=1)
+    assert calls["n"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs.tif"]
+
+
+def test_region_touching_itself_inside_a_block(tmp_path):
+    c = np.zeros((6, 8), np.uint8)
+    # class 1 leaves the left 4-px block at (1, 3) and comes back at (3, 3); inside that block its two
+    # pieces touch diagonally at vertex (3, 2), where the whole region touches itself round a hole
+    for row, col in [(1, 3), (1, 4), (2, 4), (3, 4), (3, 3), (3, 2), (2, 2)]:
+        c[row, col] = 1
+    path = write_geotiff(tmp_path / "c.tif", c)
+    expected = canon(g for g, _ in reference(c))
+    for block_size in (4, WHOLE):
+        got = gpd.read_file(vectorize(path, tmp_path / f"o{block_size}.gpkg", block_size=block_size, workers=1).path)
+        assert canon(got.geometry) == expected
+        assert got.is_valid.all()
+    ring = got[got.class_id == 1].geometry.iloc[0]
+    assert len(ring.interiors) == 1 and ring.area == pytest.approx(7 * 100.0)
+
+
+def random_maps(seed: int, count: int):
+    """Small maps full of regions touching at corners: speckle, blobs, nodata."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        if i % 2:
+            c = rng.integers(0, int(rng.integers(1, 4)), (h, w)).astype(np.uint8)
+        else:
+            c = blob_map(h, w, classes=3, seed=i, nodata=False)
+        if i % 3 == 0:
+            c[rng.random((h, w)) < 0.15] = 255
+        yield c
+
+
+def test_traced_polygons_equal_gdal_polygons():
+    from affine import Affine
+
+    from geoseg.vector.regions import label_regions
+    from geoseg.vector.trace import trace_regions
+
+    for c in random_maps(1, 150):
+        regions = label_regions(c, c != 255)
+        polys, _ = trace_regions(regions, x0=3, y0=5)
+        geoms = polys.geometries()
+        ref = [g for g, _ in reference(c, Affine.translation(3, 5))]
+        assert canon(geoms) == canon(ref)
+        assert shapely.is_valid(geoms).all()
+        assert (polys.areas() == regions.pixels[1:]).all()
+        assert np.allclose(polys.perimeters(), shapely.length(geoms))
+        back = shapely.from_wkb(np.asarray(polys.to_wkb(UTM).to_pylist(), dtype=object))
+        assert shapely.equals_exact(back, shapely.transform(geoms, lambda xy: xy * [10, -10] + [500000, 4600000])).all()
+
+
+def test_merged_pieces_equal_whole_regions(tmp_path):
+    from geoseg.tiling import Box
+    from geoseg.vector.borders import PieceStore, encode_pieces
+    from geoseg.vector.merge import merge_regions
+    from geoseg.vector.regions import label_regions
+    from geoseg.vector.trace import trace_regions
+
+    for i, c in enumerate(random_maps(2, 150)):
+        h, w = c.shape
+        b = i % 7 + 1
+        whole = label_regions(c, c != 255)
+        expected, _ = trace_regions(whole)
+        store = PieceStore(tmp_path)
+        places, region = [], []
+        for box in (Box(y, x, min(y + b, h), min(x + b, w)) for y in range(0, h, b) for x in range(0, w, b)):
+            part = c[box.y0 : box.y1, box.x0 : box.x1]
+            regions = label_regions(part, part != 255)
+            polys, touching = trace_regions(regions, x0=box.x0, y0=box.y0)
+            places += store.put(*encode_pieces(polys, np.flatnonzero(touching)))
+            at = np.zeros(regions.n + 1, np.int64)  # each piece's region in the whole map
+            at[regions.labels.ravel()] = whole.labels[box.y0 : box.y1, box.x0 : box.x1].ravel()
+            region.append(at[1:] - 1)
+        region = np.concatenate(region)
+        order = np.argsort(region, kind="stable")
+        pieces, cuts = store.get([places[k] for k in order])
+        store.close()
+        got = merge_regions(pieces, region[order], cuts=cuts, block_size=b, height=h, width=w)
+        assert [shapely.normalize(g).wkb for g in got.geometries()] == [
+            shapely.normalize(g).wkb for g in expected.geometries()
+        ], f"map {i}, block size {b}"
+
+
+def test_long_rings_are_handled_in_chunks(tmp_path, blobs, monkeypatch):
+    import geoseg.vector.polygons
+
+    c, path = blobs
+    whole = gpd.read_file(vectorize(path, tmp_path / "a.gpkg", block_size=16, workers=1).path)
+    monkeypatch.setattr(geoseg.vector.polygons, "CHUNK", 5)
+    got = gpd.read_file(vectorize(path, tmp_path / "b.gpkg", block_size=16, workers=1).path)
+    assert canon(got.geometry) == canon(whole.geometry)
+    assert np.allclose(np.sort(got.area_m2), np.sort(whole.area_m2))
+    assert np.allclose(np.sort(got.perimeter_m), np.sort(whole.perimeter_m))

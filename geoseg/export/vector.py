@@ -217,7 +217,12 @@ class VectorWriter:
                 },
             }
             schema = self._schema.with_metadata({"geo": json.dumps(geo)})
-            self._parquet = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+            # no statistics or dictionary for the geometry: a min/max of WKB is useless, and for a
+            # polygon of millions of vertices it costs copies of it
+            attrs = [n for n in schema.names if n != GEOMETRY]
+            self._parquet = pq.ParquetWriter(
+                self._tmp, schema, compression="zstd", use_dictionary=attrs, write_statistics=attrs
+            )
         self._parquet.write_table(table.replace_schema_metadata(self._parquet.schema.metadata))
 
     def _send(self, table: pa.Table | object) -> None:
