@@ -1,80 +1,79 @@
-"""geoseg: satellite imagery to land-cover maps, tiled, seam-free and distributed."""
+"""geoseg: satellite imagery to land-cover maps, tiled, seam-free and distributed.
+
+The names below load their module on first use (PEP 562), so ``import geoseg.vectorize`` or
+``geoseg info`` does not pay for torch, Dask and the models; ``geoseg.predict_raster`` works as usual.
+"""
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from geoseg.checkpoint import ModelContract, check_scene, contract_for, file_sha256, load_checkpoint, save_checkpoint
-from geoseg.config import ClassSchema, ModelConfig, PredictConfig, TrainConfig, load_config
-from geoseg.errors import (
-    BandMismatchError,
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    GeosegError,
-    InvalidSceneError,
-    OutputExistsError,
-    SceneNotFoundError,
-    VectorExportError,
-    WeightsNotFoundError,
-)
-from geoseg.export.vector import VectorWriter
-from geoseg.inbox import Scene, find_scenes, read_ledger, take_inventory, write_ledger
-from geoseg.models import build_model, receptive_field, required_stride
-from geoseg.pipeline import RunPlan, RunResult, plan_run, predict_raster
-from geoseg.predict import Predictor, resolve_device
-from geoseg.raster import SceneInfo, band_stats, open_scene, read_window, resolve_bands
-from geoseg.stitch import blend_block, seam_index
-from geoseg.tiling import Block, Box, TileGrid, align_block_size, context_margin, plan_blocks
-from geoseg.vectorize import VectorizeSummary  # geoseg.vectorize stays the module: vectorize.vectorize(...)
+#: Public name -> the module that defines it (``geoseg.vectorize`` stays the module).
+_EXPORTS = {
+    "ModelContract": "geoseg.checkpoint",
+    "check_scene": "geoseg.checkpoint",
+    "contract_for": "geoseg.checkpoint",
+    "file_sha256": "geoseg.checkpoint",
+    "load_checkpoint": "geoseg.checkpoint",
+    "save_checkpoint": "geoseg.checkpoint",
+    "ClassSchema": "geoseg.config",
+    "ModelConfig": "geoseg.config",
+    "PredictConfig": "geoseg.config",
+    "TrainConfig": "geoseg.config",
+    "load_config": "geoseg.config",
+    "BandMismatchError": "geoseg.errors",
+    "CheckpointError": "geoseg.errors",
+    "ConfigError": "geoseg.errors",
+    "DatasetError": "geoseg.errors",
+    "GeosegError": "geoseg.errors",
+    "InvalidSceneError": "geoseg.errors",
+    "OutputExistsError": "geoseg.errors",
+    "SceneNotFoundError": "geoseg.errors",
+    "VectorExportError": "geoseg.errors",
+    "WeightsNotFoundError": "geoseg.errors",
+    "VectorWriter": "geoseg.export.vector",
+    "Scene": "geoseg.inbox",
+    "find_scenes": "geoseg.inbox",
+    "read_ledger": "geoseg.inbox",
+    "take_inventory": "geoseg.inbox",
+    "write_ledger": "geoseg.inbox",
+    "build_model": "geoseg.models",
+    "receptive_field": "geoseg.models",
+    "required_stride": "geoseg.models",
+    "RunPlan": "geoseg.pipeline",
+    "RunResult": "geoseg.pipeline",
+    "plan_run": "geoseg.pipeline",
+    "predict_raster": "geoseg.pipeline",
+    "Predictor": "geoseg.predict",
+    "resolve_device": "geoseg.predict",
+    "SceneInfo": "geoseg.raster",
+    "band_stats": "geoseg.raster",
+    "open_scene": "geoseg.raster",
+    "read_window": "geoseg.raster",
+    "resolve_bands": "geoseg.raster",
+    "blend_block": "geoseg.stitch",
+    "seam_index": "geoseg.stitch",
+    "Block": "geoseg.tiling",
+    "Box": "geoseg.tiling",
+    "TileGrid": "geoseg.tiling",
+    "align_block_size": "geoseg.tiling",
+    "context_margin": "geoseg.tiling",
+    "plan_blocks": "geoseg.tiling",
+    "VectorizeSummary": "geoseg.vectorize",
+}
 
-__all__ = [
-    "VectorWriter",
-    "VectorizeSummary",
-    "Scene",
-    "find_scenes",
-    "read_ledger",
-    "take_inventory",
-    "write_ledger",
-    "ModelContract",
-    "Predictor",
-    "RunPlan",
-    "RunResult",
-    "blend_block",
-    "plan_run",
-    "predict_raster",
-    "seam_index",
-    "build_model",
-    "check_scene",
-    "contract_for",
-    "file_sha256",
-    "load_checkpoint",
-    "receptive_field",
-    "required_stride",
-    "resolve_device",
-    "save_checkpoint",
-    "BandMismatchError",
-    "Block",
-    "Box",
-    "CheckpointError",
-    "ClassSchema",
-    "ConfigError",
-    "DatasetError",
-    "GeosegError",
-    "InvalidSceneError",
-    "ModelConfig",
-    "OutputExistsError",
-    "PredictConfig",
-    "SceneInfo",
-    "SceneNotFoundError",
-    "TileGrid",
-    "TrainConfig",
-    "VectorExportError",
-    "WeightsNotFoundError",
-    "align_block_size",
-    "band_stats",
-    "context_margin",
-    "load_config",
-    "open_scene",
-    "plan_blocks",
-    "read_window",
-    "resolve_bands",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geoseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
