@@ -1,11 +1,12 @@
-"""Hand freed memory back to the OS promptly, in-process as Dask's nanny does for worker processes.
+"""Hand the memory a finished block freed back to the OS, so a worker's footprint does not drift up.
 
 glibc keeps freed blocks below its *dynamic* mmap threshold (which grows up to 32 MiB) in per-thread
-arenas; with a block's reader, compute and writer threads each holding tens of MiB of freed batches,
-a run's resident memory drifts upwards block after block. Dask starts its workers with
-``MALLOC_TRIM_THRESHOLD_`` set (``distributed.nanny.pre-spawn-environ``); a run without Dask workers
-gets the same setting through ``mallopt``, which also fixes the mmap threshold at its 128 KiB default,
-so large arrays are unmapped as soon as they are freed.
+arenas; with a block's reader, compute and writer threads each holding tens of MiB of freed buffers,
+a run's resident memory drifts upwards block after block. ``malloc_trim(0)`` after each block
+returns those pages. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` for its workers instead, but any
+such setting also pins the mmap threshold at 128 KiB, and then every activation the model allocates
+is a fresh ``mmap`` whose pages are faulted in again: measured here, DeepLabV3 forwards ran 1.4x
+slower. One trim per block costs milliseconds.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import ctypes
 import functools
 import sys
 
-import dask.config
-
-#: ``M_TRIM_THRESHOLD`` in glibc's ``malloc.h``.
-_M_TRIM_THRESHOLD = -1
-
 
 @functools.cache
-def trim_freed_memory() -> bool:
-    """Set this process's glibc trim threshold to Dask's worker setting; False where there is no glibc."""
+def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def release_freed_memory() -> bool:
+    """Return free heap pages to the OS (glibc ``malloc_trim``); False where there is no glibc."""
+    libc = _libc()
+    if libc is None:
         return False
-    threshold = int(dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_", 65536))
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+    libc.malloc_trim(0)
+    return True

@@ -165,13 +165,20 @@ def test_vectorise_stage_writes_polygons_matching_the_class_map(tiny_checkpoint,
     assert polygons["mean_conf"].between(1 / 7 - 1e-6, 1).all()
 
 
-def test_trim_freed_memory_uses_dasks_worker_setting():
-    """In-process runs get the glibc trim threshold Dask's nanny gives its workers (see geoseg.heap)."""
+def test_release_freed_memory_returns_pages_to_the_os():
+    """After a block, freed heap pages go back to the OS (see geoseg.heap); True wherever glibc is."""
     import ctypes.util
     import sys
 
-    from geoseg.heap import trim_freed_memory
+    import psutil
+
+    from geoseg.heap import release_freed_memory
 
     glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
-    assert trim_freed_memory() is glibc
-    assert trim_freed_memory() is glibc  # idempotent
+    assert release_freed_memory() is glibc
+    if glibc:
+        chunks = [bytearray(64 * 1024) for _ in range(4000)]  # 250 MiB of heap (below the mmap threshold)
+        del chunks[:-1]  # all but the top one free: glibc cannot shrink the heap by itself
+        before = psutil.Process().memory_info().rss
+        release_freed_memory()
+        assert psutil.Process().memory_info().rss < before - 100 * 2**20
