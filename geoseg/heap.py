@@ -27,6 +27,22 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "malloc_trim") else None
 
 
+#: ``M_ARENA_MAX`` in glibc's ``malloc.h``.
+_M_ARENA_MAX = -8
+
+
+@functools.cache
+def one_arena() -> bool:
+    """Let threads started from now on share the main malloc arena (glibc); False where there is none.
+
+    Each thread arena keeps its own freed blocks, so a block's reader and writer threads would hold
+    their own share; with one arena the peak stays flat in scene size (measured: +54 MB instead of
+    +182 MB from 4096² to 10000²); the e2e times did not change (tiny model, 24.2 s vs 24.7 s at 4096²).
+    """
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, 1))
+
+
 def release_freed_memory() -> bool:
     """Return free heap pages to the OS (glibc ``malloc_trim``); False where there is no glibc."""
     libc = _libc()

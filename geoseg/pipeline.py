@@ -39,7 +39,7 @@ from geoseg.cluster import GPU_RESOURCE, gpu_workers
 from geoseg.config import PredictConfig
 from geoseg.errors import OutputExistsError
 from geoseg.export.cog import write_class_cog, write_confidence_cog
-from geoseg.heap import release_freed_memory
+from geoseg.heap import one_arena, release_freed_memory
 from geoseg.predict import Predictor, resolve_device
 from geoseg.raster import SceneInfo, gdal_env, open_scene, pixel_areas_m2, read_window, require_valid_pixels
 from geoseg.stitch import CLASS_NODATA, blend_block
@@ -220,6 +220,7 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
     block is read ahead and one write is pending, so memory stays at about three blocks.
     ``on_block`` is called as each block's write completes.
     """
+    one_arena()
     predictor = _worker_predictor(job)
     contract = predictor.contract
     writing: Future | None = None

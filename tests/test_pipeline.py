@@ -172,10 +172,11 @@ def test_release_freed_memory_returns_pages_to_the_os():
 
     import psutil
 
-    from geoseg.heap import release_freed_memory
+    from geoseg.heap import one_arena, release_freed_memory
 
     glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
     assert release_freed_memory() is glibc
+    assert one_arena() is glibc
     if glibc:
         chunks = [bytearray(64 * 1024) for _ in range(4000)]  # 250 MiB of heap (below the mmap threshold)
         del chunks[:-1]  # all but the top one free: glibc cannot shrink the heap by itself
