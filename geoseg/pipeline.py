@@ -215,9 +215,10 @@ def read_block(job: BlockJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
 def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
     """Read, predict, blend and write blocks (runs on a worker). Returns the tiles it ran.
 
-    The model never waits for I/O: while block ``i`` is predicted on this thread, a reader thread
-    reads block ``i + 1`` and a writer thread writes block ``i - 1`` into the store. At most one
-    block is read ahead and one write is pending, so memory stays at about three blocks.
+    The model never waits for I/O: while block ``i`` is normalised, predicted and blended on this
+    thread (on the predictor's device, its bands copied there in the scene's data type), a reader
+    thread reads block ``i + 1`` and a writer thread writes block ``i - 1`` into the store. At most
+    one block is read ahead (native dtype) and one write is pending (class ids and confidences).
     ``on_block`` is called as each block's write completes.
     """
     one_arena()
