@@ -13,7 +13,8 @@ tiles (each tile once), e2e s, model s, ratio e2e/model (wall) and cpu_ratio (th
 process CPU time, all threads: steadier when other jobs share the machine, and an upper bound with one
 worker, since the read/write threads' CPU counts even where it overlaps the model's), e2e peak PSS
 and RSS in MB, model-only
-peak PSS (the floor: interpreter, libraries, model and one batch), and stage times.
+peak PSS (the floor: interpreter, libraries, model and one batch), and per stage its time and the
+peak PSS sampled while it ran (``start`` is the interpreter and imports before the job).
 
     python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
     python bench/pipeline.py --sizes 10000 40000 --arch tiny --tile 512 --skip-model   # memory run
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from measure import run_measured
+from measure import peak_between, run_measured
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -96,6 +97,7 @@ def child_e2e(args: argparse.Namespace) -> dict:
     cfg = PredictConfig(block_size=args.block_size, batch_size=args.batch, device=args.device,
                         vectorize=args.vectorize, workers=args.workers)
     out = WORK / f"out_{Path(args.scene).stem}"
+    started = time.time()
     t0, c0 = time.perf_counter(), time.process_time()
     if args.workers == 1:
         result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True)
@@ -104,7 +106,7 @@ def child_e2e(args: argparse.Namespace) -> dict:
             result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
-    return {"seconds": seconds, "cpu_s": cpu_s, "tiles": plan.tiles, "lattice_tiles": plan.grid.rows * plan.grid.cols,
+    return {"seconds": seconds, "cpu_s": cpu_s, "started": started, "tiles": plan.tiles, "lattice_tiles": plan.grid.rows * plan.grid.cols,
             "blocks": len(plan.blocks), "timings": result.timings, "margin": plan.grid.margin,
             "tile": plan.grid.tile}
 
@@ -147,7 +149,18 @@ def run_child(mode: str, args: argparse.Namespace, scene: Path, checkpoint: Path
     run = run_measured(cmd, cwd=ROOT)
     result = json.loads(run.stdout.strip().splitlines()[-1])
     result.update(peak_pss_mb=run.peak_pss_mb, peak_rss_mb=run.peak_rss_mb)
+    if mode == "e2e":
+        result["stage_pss_mb"] = stage_peaks(run.trace, result["started"], result["timings"])
     return result
+
+
+def stage_peaks(trace: list[tuple[float, float]], started: float, timings: dict[str, float]) -> dict[str, float]:
+    """Peak PSS per stage: the stages ran one after another from ``started`` in ``timings``' order."""
+    peaks = {"start": peak_between(trace, 0.0, started)}
+    for name, seconds in timings.items():
+        peaks[name] = peak_between(trace, started, started + seconds)
+        started += seconds
+    return peaks
 
 
 def main() -> None:
@@ -188,7 +201,9 @@ def main() -> None:
         cpu_ratio = f"{e2e['cpu_s'] / model['cpu_s']:.3f}" if model else "-"
         model_s = f"{model['seconds']:.1f}" if model else "-"
         model_pss = f"{model['peak_pss_mb']:.0f}" if model else "-"
-        stages = " ".join(f"{k}={v:.1f}" for k, v in e2e["timings"].items())
+        stage_mb = e2e["stage_pss_mb"]
+        stages = f"start={stage_mb['start']:.0f}MB " + " ".join(
+            f"{k}={v:.1f}s/{stage_mb[k]:.0f}MB" for k, v in e2e["timings"].items())
         print(f"{size:>7} {e2e['tiles']:>7} {e2e['lattice_tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} "
               f"{ratio:>6} {cpu_ratio:>9} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  "
               f"{stages}", flush=True)
