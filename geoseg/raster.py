@@ -26,8 +26,10 @@ from geoseg.tiling import Box
 
 log = logging.getLogger(__name__)
 
-#: GDAL settings for every read and write geoseg does: bounded block cache, no sidecar scans.
-GDAL_OPTIONS = {"GDAL_CACHEMAX": 64, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_NUM_THREADS": "ALL_CPUS"}
+#: GDAL settings for every read and write geoseg does: a 64 MB block cache, no sidecar scans.
+#: rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, so it is in bytes (64 would be 64 B).
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 64 * 2**20, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+                "GDAL_NUM_THREADS": "ALL_CPUS"}
 
 
 def gdal_env() -> rasterio.Env:

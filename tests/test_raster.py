@@ -1,3 +1,6 @@
+import ctypes
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -8,6 +11,7 @@ from geoseg.errors import BandMismatchError, GeosegError, InvalidSceneError, Sce
 from geoseg.raster import (
     band_stats,
     check_bands,
+    gdal_env,
     open_scene,
     read_window,
     require_valid_pixels,
@@ -169,3 +173,18 @@ def test_read_window_equals_whole_scene_reflect(utm_uint16, box):
     np.testing.assert_array_equal(data, ref[:, box.y0 + pad:box.y1 + pad, box.x0 + pad:box.x1 + pad])
     inside = box.intersection(Box(0, 0, 61, 47))
     assert valid.sum() <= inside.height * inside.width
+
+
+def _loaded_libgdal() -> ctypes.CDLL:
+    """The libgdal rasterio loaded into this process (found in /proc/self/maps)."""
+    paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgdal" in line}
+    assert paths, "rasterio's libgdal is not mapped into this process"
+    lib = ctypes.CDLL(sorted(paths)[0])
+    lib.GDALGetCacheMax64.restype = ctypes.c_int64
+    return lib
+
+
+def test_gdal_env_bounds_the_block_cache_to_64_mb():
+    lib = _loaded_libgdal()
+    with gdal_env():
+        assert lib.GDALGetCacheMax64() == 64 * 2**20
