@@ -106,7 +106,8 @@ def child_e2e(args: argparse.Namespace) -> dict:
             result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
-    return {"seconds": seconds, "cpu_s": cpu_s, "started": started, "tiles": plan.tiles, "lattice_tiles": plan.grid.rows * plan.grid.cols,
+    return {"seconds": seconds, "cpu_s": cpu_s, "started": started, "tiles": plan.tiles,
+            "lattice_tiles": plan.grid.rows * plan.grid.cols,
             "blocks": len(plan.blocks), "timings": result.timings, "margin": plan.grid.margin,
             "tile": plan.grid.tile}
 

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoseg.augment import Augment
 from geoseg.checkpoint import FORMAT, VERSION, ModelContract, contract_for, load_checkpoint, save_checkpoint
 from geoseg.config import TrainConfig
 from geoseg.datasets import (
-    Augment,
     LabelledData,
     TileDataset,
     band_moments,

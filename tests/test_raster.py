@@ -175,16 +175,18 @@ def test_read_window_equals_whole_scene_reflect(utm_uint16, box):
     assert valid.sum() <= inside.height * inside.width
 
 
-def _loaded_libgdal() -> ctypes.CDLL:
-    """The libgdal rasterio loaded into this process (found in /proc/self/maps)."""
-    paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgdal" in line}
-    assert paths, "rasterio's libgdal is not mapped into this process"
-    lib = ctypes.CDLL(sorted(paths)[0])
+def _rasterio_libgdal() -> ctypes.CDLL:
+    """The libgdal rasterio loaded into this process (pyogrio's wheel maps its own copy beside it)."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    paths = {line.split()[-1] for line in maps if "libgdal" in line}
+    ours = {p for p in paths if "rasterio" in p} or paths
+    assert len(ours) == 1, f"cannot tell rasterio's libgdal among {sorted(paths)}"
+    lib = ctypes.CDLL(ours.pop())
     lib.GDALGetCacheMax64.restype = ctypes.c_int64
     return lib
 
 
 def test_gdal_env_bounds_the_block_cache_to_64_mb():
-    lib = _loaded_libgdal()
+    lib = _rasterio_libgdal()
     with gdal_env():
         assert lib.GDALGetCacheMax64() == 64 * 2**20
