@@ -118,7 +118,7 @@ def vectorize(
 
     Returns:
         A :class:`VectorizeSummary`. Fields written: ``class_id``, ``class_name``, ``area_m2`` and
-        ``perimeter_m`` (geodesic on WGS84 for a geographic CRS, else planar in metres),
+        ``perimeter_m`` (shell and holes; geodesic on WGS84 for a geographic CRS, else planar in metres),
         ``mean_conf`` (with ``confidence``). Shapefile field names: ``perim_m``.
 
     Raises:

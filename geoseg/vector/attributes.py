@@ -69,9 +69,10 @@ def _numbers(values: np.ndarray, dtype: type) -> pa.Array:
 
 
 def _geodesic(polys: Polygons, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Geodesic area (shell less holes) and perimeter of each polygon, on WGS84.
+    """Geodesic area (shell less holes) and perimeter (shell and holes) of each polygon, on WGS84.
 
-    As :meth:`pyproj.Geod.geometry_area_perimeter` gives them: the perimeter is the shell's only.
+    The perimeter counts every ring, as the planar one does (``shapely.length``); pyproj's
+    :meth:`~pyproj.Geod.geometry_area_perimeter` would give the shell's only.
     """
     lonlat = apply_affine(polys.xy, grid.transform)
     ring = np.array(
@@ -86,4 +87,4 @@ def _geodesic(polys: Polygons, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     starts = polys.poly_offsets[:-1]
     if not len(starts):
         return np.zeros(0), np.zeros(0)
-    return np.add.reduceat(area, starts), ring[starts, 1]
+    return np.add.reduceat(area, starts), np.add.reduceat(ring[:, 1], starts)
