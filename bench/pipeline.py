@@ -14,7 +14,8 @@ process CPU time, all threads: steadier when other jobs share the machine, and a
 worker, since the read/write threads' CPU counts even where it overlaps the model's), e2e peak PSS
 and RSS in MB, model-only
 peak PSS (the floor: interpreter, libraries, model and one batch), and per stage its time and the
-peak PSS sampled while it ran (``start`` is the interpreter and imports before the job).
+peak PSS sampled while it ran (``start`` is the interpreter and imports before the job; the blocks
+stage also by thirds of its time, which rise if memory drifts block after block).
 
     python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
     python bench/pipeline.py --sizes 10000 40000 --arch tiny --tile 512 --skip-model   # memory run
@@ -156,10 +157,18 @@ def run_child(mode: str, args: argparse.Namespace, scene: Path, checkpoint: Path
 
 
 def stage_peaks(trace: list[tuple[float, float]], started: float, timings: dict[str, float]) -> dict[str, float]:
-    """Peak PSS per stage: the stages ran one after another from ``started`` in ``timings``' order."""
+    """Peak PSS per stage: the stages ran one after another from ``started`` in ``timings``' order.
+
+    The blocks stage is also split into thirds by time (``blocks_1`` … ``blocks_3``): memory that
+    drifts up block after block shows as rising thirds.
+    """
     peaks = {"start": peak_between(trace, 0.0, started)}
     for name, seconds in timings.items():
         peaks[name] = peak_between(trace, started, started + seconds)
+        if name == "blocks":
+            third = seconds / 3
+            for k in range(3):
+                peaks[f"blocks_{k + 1}"] = peak_between(trace, started + k * third, started + (k + 1) * third)
         started += seconds
     return peaks
 
@@ -205,6 +214,7 @@ def main() -> None:
         stage_mb = e2e["stage_pss_mb"]
         stages = f"start={stage_mb['start']:.0f}MB " + " ".join(
             f"{k}={v:.1f}s/{stage_mb[k]:.0f}MB" for k, v in e2e["timings"].items())
+        stages += " blocks_by_third=" + "/".join(f"{stage_mb[f'blocks_{k}']:.0f}" for k in (1, 2, 3)) + "MB"
         print(f"{size:>7} {e2e['tiles']:>7} {e2e['lattice_tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} "
               f"{ratio:>6} {cpu_ratio:>9} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  "
               f"{stages}", flush=True)
