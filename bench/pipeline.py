@@ -11,10 +11,12 @@ then in the same run:
 Prints one row per size: tiles run (a tile touching two blocks' cores runs once per block), lattice
 tiles (each tile once), e2e s, model s, ratio e2e/model (wall) and cpu_ratio (the same sections'
 process CPU time, all threads: steadier when other jobs share the machine, and an upper bound with one
-worker, since the read/write threads' CPU counts even where it overlaps the model's), e2e peak PSS
-and RSS in MB, model-only
-peak PSS (the floor: interpreter, libraries, model and one batch), and per stage its time and the
-peak PSS sampled while it ran (``start`` is the interpreter and imports before the job; the blocks
+worker, since the read/write threads' CPU counts even where it overlaps the model's), in_run (e2e s
+over the seconds the e2e run itself spent in ``Predictor.proba``: what the pipeline adds to its own
+forwards, immune to the machine running faster or slower between the two runs; one CPU worker only,
+where those calls run in the bench's process and return when done), e2e peak PSS and RSS in MB,
+model-only peak PSS (the floor: interpreter, libraries, model and one batch), and per stage its time
+and the peak PSS sampled while it ran (``start`` is the interpreter and imports before the job; the blocks
 stage also by thirds of its time, which rise if memory drifts block after block).
 
     python bench/pipeline.py --sizes 2048 4096 --arch deeplabv3 --backbone mobilenet_v3_large --tile 320
@@ -94,10 +96,12 @@ def child_e2e(args: argparse.Namespace) -> dict:
     from geoseg.cluster import dask_client
     from geoseg.config import PredictConfig
     from geoseg.pipeline import plan_run, predict_raster
+    from geoseg.predict import resolve_device
 
     cfg = PredictConfig(block_size=args.block_size, batch_size=args.batch, device=args.device,
                         vectorize=args.vectorize, workers=args.workers)
     out = WORK / f"out_{Path(args.scene).stem}"
+    forward = time_forwards() if args.workers == 1 and resolve_device(args.device).type == "cpu" else None
     started = time.time()
     t0, c0 = time.perf_counter(), time.process_time()
     if args.workers == 1:
@@ -107,10 +111,28 @@ def child_e2e(args: argparse.Namespace) -> dict:
             result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
-    return {"seconds": seconds, "cpu_s": cpu_s, "started": started, "tiles": plan.tiles,
+    return {"seconds": seconds, "cpu_s": cpu_s, "started": started, "forward_s": forward and forward[0],
+            "tiles": plan.tiles,
             "lattice_tiles": plan.grid.rows * plan.grid.cols,
             "blocks": len(plan.blocks), "timings": result.timings, "margin": plan.grid.margin,
             "tile": plan.grid.tile}
+
+
+def time_forwards() -> list[float]:
+    """Wrap ``Predictor.proba`` in this process to add up its seconds; returns the one-item total."""
+    from geoseg.predict import Predictor
+
+    total = [0.0]
+    proba = Predictor.proba
+
+    def timed(self: Predictor, x: object) -> object:
+        t0 = time.perf_counter()
+        out = proba(self, x)
+        total[0] += time.perf_counter() - t0
+        return out
+
+    Predictor.proba = timed
+    return total
 
 
 def child_model(args: argparse.Namespace) -> dict:
@@ -199,7 +221,7 @@ def main() -> None:
     print(f"# bench/pipeline.py {date.today()} on {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; checkpoint {checkpoint.name}, device {args.device}, workers {args.workers}")
     print(f"{'size':>7} {'tiles':>7} {'lattice':>7} {'e2e_s':>8} {'model_s':>8} {'ratio':>6} {'cpu_ratio':>9} "
-          f"{'pss_mb':>7} {'rss_mb':>7} {'model_pss_mb':>12}  stages")
+          f"{'in_run':>6} {'pss_mb':>7} {'rss_mb':>7} {'model_pss_mb':>12}  stages")
     for size in args.sizes:
         scene = make_scene(size)
         runs = [(run_child("e2e", args, scene, checkpoint),
@@ -210,13 +232,15 @@ def main() -> None:
         ratio = f"{e2e['seconds'] / model['seconds']:.3f}" if model else "-"
         cpu_ratio = f"{e2e['cpu_s'] / model['cpu_s']:.3f}" if model else "-"
         model_s = f"{model['seconds']:.1f}" if model else "-"
+        in_run = f"{e2e['seconds'] / e2e['forward_s']:.3f}" if e2e["forward_s"] else "-"
         model_pss = f"{model['peak_pss_mb']:.0f}" if model else "-"
         stage_mb = e2e["stage_pss_mb"]
         stages = f"start={stage_mb['start']:.0f}MB " + " ".join(
             f"{k}={v:.1f}s/{stage_mb[k]:.0f}MB" for k, v in e2e["timings"].items())
         stages += " blocks_by_third=" + "/".join(f"{stage_mb[f'blocks_{k}']:.0f}" for k in (1, 2, 3)) + "MB"
         print(f"{size:>7} {e2e['tiles']:>7} {e2e['lattice_tiles']:>7} {e2e['seconds']:>8.1f} {model_s:>8} "
-              f"{ratio:>6} {cpu_ratio:>9} {e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  "
+              f"{ratio:>6} {cpu_ratio:>9} {in_run:>6} "
+              f"{e2e['peak_pss_mb']:>7.0f} {e2e['peak_rss_mb']:>7.0f} {model_pss:>12}  "
               f"{stages}", flush=True)
 
 
