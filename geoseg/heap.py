@@ -36,8 +36,8 @@ def one_arena() -> bool:
     """Let threads started from now on share the main malloc arena (glibc); False where there is none.
 
     Each thread arena keeps its own freed blocks, so a block's reader and writer threads would hold
-    their own share; with one arena the peak stays flat in scene size (measured: +54 MB instead of
-    +182 MB from 4096² to 10000²); the e2e times did not change (tiny model, 24.2 s vs 24.7 s at 4096²).
+    their own share and the peak would grow with the number of blocks; with one arena it does not
+    (``bench/pipeline.py`` prints the blocks stage's peak by thirds of its time).
     """
     libc = _libc()
     return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, 1))

@@ -281,7 +281,7 @@ def band_stats(
     total = np.zeros(len(bands))
     total_sq = np.zeros(len(bands))
     n = 0
-    with rasterio.open(scene.path) as src:
+    with gdal_env(), rasterio.open(scene.path) as src:
         for _ in range(windows if (h, w) != scene.shape else 1):
             y = int(rng.integers(0, scene.height - h + 1))
             x = int(rng.integers(0, scene.width - w + 1))
@@ -306,21 +306,20 @@ def _require_some_valid(src: rasterio.DatasetReader, scene: SceneInfo, *, strips
 
     The scene is read decimated in ``strips`` horizontal strips, middle first, stopping at the first
     valid pixel: a usual scene costs one strip, not a pass over the whole file; only a scene that is
-    all invalid is read through (once, with GDAL's cache bounded by :func:`gdal_env`).
+    all invalid is read through (once; callers read under :func:`gdal_env`, whose cache is bounded).
     """
     scale = max(1, int(np.ceil(max(scene.shape) / 1024)))
     out_w = max(1, scene.width // scale)
     edges = np.linspace(0, scene.height, min(strips, scene.height) + 1).astype(int)
     middle_first = sorted(range(len(edges) - 1), key=lambda i: abs(2 * i + 1 - (len(edges) - 1)))
-    with gdal_env():
-        for i in middle_first:
-            window = Window(0, int(edges[i]), scene.width, int(edges[i + 1] - edges[i]))
-            shape = (src.count, max(1, window.height // scale), out_w)
-            valid = np.all(src.read_masks(window=window, out_shape=shape) > 0, axis=0)
-            if scene.dtype.startswith("float") and valid.any():
-                valid &= np.all(np.isfinite(src.read(window=window, out_shape=shape)), axis=0)
-            if valid.any():
-                return
+    for i in middle_first:
+        window = Window(0, int(edges[i]), scene.width, int(edges[i + 1] - edges[i]))
+        shape = (src.count, max(1, window.height // scale), out_w)
+        valid = np.all(src.read_masks(window=window, out_shape=shape) > 0, axis=0)
+        if scene.dtype.startswith("float") and valid.any():
+            valid &= np.all(np.isfinite(src.read(window=window, out_shape=shape)), axis=0)
+        if valid.any():
+            return
     raise InvalidSceneError(
         f"{scene.path}: every pixel is invalid (nodata, masked or NaN); there is nothing to classify. "
         "Check the nodata value (`gdalinfo`) or pick another scene."
@@ -329,5 +328,5 @@ def _require_some_valid(src: rasterio.DatasetReader, scene: SceneInfo, *, strips
 
 def require_valid_pixels(scene: SceneInfo) -> None:
     """Raise :class:`InvalidSceneError` if the scene has no valid pixel (checked on a coarse mask)."""
-    with rasterio.open(scene.path) as src:
+    with gdal_env(), rasterio.open(scene.path) as src:
         _require_some_valid(src, scene)
