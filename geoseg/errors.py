@@ -45,3 +45,26 @@ class DatasetError(GeosegError, ValueError):
 
 class VectorExportError(GeosegError, ValueError):
     """Polygons cannot be written in the requested format."""
+
+
+class OutputWriteError(GeosegError, OSError):
+    """An output cannot be written: the folder is not writable, or the disk is full."""
+
+
+class OutputLockedError(GeosegError, RuntimeError):
+    """Another run is writing into the same output folder."""
+
+
+class RunInterrupted(BaseException):
+    """The run was stopped by a signal (Ctrl-C or SIGTERM); ``signum`` says which.
+
+    Not an ``Exception`` (nor a ``KeyboardInterrupt``, which click turns into "Aborted!"): no
+    ``except Exception`` on the way may swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.signum,)
