@@ -1,4 +1,4 @@
-"""Benchmark: blocked ``geoseg.vectorize`` against whole-raster ``rasterio.features.shapes``.
+"""Benchmark: blocked ``geoseg.vector`` against whole-raster ``rasterio.features.shapes``.
 
 Generates synthetic class maps (a low-frequency noise field with some speckle, quantised into 7
 classes, with a nodata lake; written block-wise as tiled, deflate-compressed uint8 GeoTIFFs under
@@ -13,7 +13,7 @@ pages shared by forked workers counted once).
     python bench/vectorize.py --worldcover          # also the ESA WorldCover tile, if present
     python bench/vectorize.py --maps my_map.tif --keep
 
-Methods: ``imports`` (only ``import geoseg.vectorize``: the memory floor of the others that import
+Methods: ``imports`` (only ``import geoseg.vector``: the memory floor of the others that import
 geoseg); ``vectorize`` (GeoPackage out, all attributes); ``shapes`` (whole array in memory,
 ``rasterio.features.shapes(connectivity=4)`` consumed, GeoJSON-like dicts discarded, nothing
 written); ``shapes+gpkg`` (whole array, shapes turned into a GeoDataFrame and written to a
@@ -98,7 +98,10 @@ def run_one(method: str, raster: str, out: str, block_size: int, workers: int | 
     """Run one method in this process and return its figures."""
     t0 = time.perf_counter()
     if method in ("imports", "vectorize", "baseline"):
-        from geoseg.vectorize import vectorize
+        try:
+            from geoseg.vector import vectorize
+        except ImportError:  # a baseline from before the vectorise stage moved into geoseg/vector/
+            from geoseg.vectorize import vectorize
     else:
         import rasterio
         from rasterio.features import shapes
@@ -162,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     methods = list(args.methods)
     if args.baseline:
-        if not (args.baseline / "geoseg" / "vectorize.py").exists():
-            raise SystemExit(f"--baseline {args.baseline}: no geoseg/vectorize.py there")
+        if not any((args.baseline / "geoseg" / p).exists() for p in ("vector/vectorise.py", "vectorize.py")):
+            raise SystemExit(f"--baseline {args.baseline}: no geoseg vectorise stage there")
         methods.insert(methods.index("vectorize") + 1 if "vectorize" in methods else 0, "baseline")
 
     (ROOT / ".tmp").mkdir(exist_ok=True)

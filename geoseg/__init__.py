@@ -1,6 +1,6 @@
 """geoseg: satellite imagery to land-cover maps, tiled, seam-free and distributed.
 
-The names below load their module on first use (PEP 562), so ``import geoseg.vectorize`` or
+The names below load their module on first use (PEP 562), so ``import geoseg.vector`` or
 ``geoseg info`` does not pay for torch, Dask and the models; ``geoseg.predict_raster`` works as usual.
 """
 
@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: Public name -> the module that defines it (``geoseg.vectorize`` stays the module).
+#: Public name -> the module that defines it .
 _EXPORTS = {
     "ModelContract": "geoseg.checkpoint",
     "check_scene": "geoseg.checkpoint",
@@ -32,7 +32,7 @@ _EXPORTS = {
     "SceneNotFoundError": "geoseg.errors",
     "VectorExportError": "geoseg.errors",
     "WeightsNotFoundError": "geoseg.errors",
-    "VectorWriter": "geoseg.export.vector",
+    "VectorWriter": "geoseg.vector.writer",
     "Scene": "geoseg.inbox",
     "find_scenes": "geoseg.inbox",
     "read_ledger": "geoseg.inbox",
@@ -60,7 +60,7 @@ _EXPORTS = {
     "align_block_size": "geoseg.tiling",
     "context_margin": "geoseg.tiling",
     "plan_blocks": "geoseg.tiling",
-    "VectorizeSummary": "geoseg.vectorize",
+    "VectorizeSummary": "geoseg.vector",
 }
 
 __all__ = list(_EXPORTS)

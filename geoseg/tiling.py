@@ -193,14 +193,25 @@ def plan_blocks(grid: TileGrid, block_size: int) -> tuple[Block, ...]:
     ``block_size`` is used as given; pass it through :func:`align_block_size` first to keep cores
     on tile origins.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    blocks = []
-    for i, y0 in enumerate(range(0, grid.height, block_size)):
-        for j, x0 in enumerate(range(0, grid.width, block_size)):
-            core = Box(y0, x0, min(y0 + block_size, grid.height), min(x0 + block_size, grid.width))
-            blocks.append(Block(i, j, core, grid.tiles_touching(core)))
-    return tuple(blocks)
+    cols = math.ceil(grid.width / block_size) if block_size >= 1 else 0
+    return tuple(
+        Block(i // cols, i % cols, core, grid.tiles_touching(core))
+        for i, core in enumerate(partition(grid.height, grid.width, block_size))
+    )
+
+
+def partition(height: int, width: int, size: int) -> tuple[Box, ...]:
+    """Squares of side ``size`` covering ``[0, height) x [0, width)`` exactly (last row/column cut), row-major.
+
+    The block cores of a predict run, and the blocks the vectorise stage polygonises.
+    """
+    if size < 1:
+        raise ValueError(f"block size must be positive, got {size}")
+    return tuple(
+        Box(y0, x0, min(y0 + size, height), min(x0 + size, width))
+        for y0 in range(0, height, size)
+        for x0 in range(0, width, size)
+    )
 
 
 def block_layout(grid: TileGrid, block_size: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ def test_every_public_name_resolves():
 
 
 def test_vectorize_does_not_import_torch():
-    """Vectorise workers import geoseg.vectorize; torch and Dask would cost each one ~0.7 GB."""
-    code = "import sys, geoseg.vectorize; print('torch' in sys.modules, 'distributed' in sys.modules)"
+    """Vectorise workers import geoseg.vector; torch and Dask would cost each one ~0.7 GB."""
+    code = "import sys, geoseg.vector; print('torch' in sys.modules, 'distributed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

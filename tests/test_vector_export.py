@@ -14,8 +14,8 @@ from conftest import write_geotiff
 from pyproj import CRS
 
 from geoseg.errors import GeosegError, OutputExistsError, VectorExportError
-from geoseg.export.vector import SHAPEFILE_FIELDS, VectorWriter, infer_driver
-from geoseg.vectorize import vectorize
+from geoseg.vector import vectorize
+from geoseg.vector.writer import SHAPEFILE_FIELDS, VectorWriter, infer_driver
 
 FORMATS = ["o.gpkg", "o.shp", "o.parquet"]
 

@@ -23,7 +23,7 @@ from geoseg.errors import (
     SceneNotFoundError,
     VectorExportError,
 )
-from geoseg.vectorize import vectorize
+from geoseg.vector import vectorize
 
 UTM = from_origin(500000.0, 4600000.0, 10.0, 10.0)  # write_geotiff's default transform
 WHOLE = 4096  # a block size larger than every test map
@@ -364,8 +364,8 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, blobs):
 
 
 def test_failure_mid_run_leaves_no_output(tmp_path, blobs, monkeypatch):
-    import geoseg.vectorize as module
-    from geoseg.export.vector import VectorWriter
+    import geoseg.vector.vectorise as module
+    from geoseg.vector.writer import VectorWriter
 
     _, path = blobs
     calls = {"n": 0}

@@ -1,1 +1,1 @@
-"""Writers for finished outputs: Cloud-Optimized GeoTIFFs and polygon files."""
+"""Writers for finished rasters: Cloud-Optimized GeoTIFFs (polygon files: :mod:`geoseg.vector.writer`)."""

@@ -1,7 +1,7 @@
 """Inputs of vectorising: class and confidence rasters (GeoTIFF/COG or a Zarr store), read block by block.
 
 A :class:`Source` says where a raster's pixels come from and is picklable, so block workers reopen
-it themselves; :func:`read_block` reads one block and its validity. :class:`Grid` is the pixel grid
+it themselves; :func:`read_pixels` reads one block and its validity. :class:`Grid` is the pixel grid
 with its CRS and the sizes derived from it.
 """
 
@@ -109,7 +109,7 @@ def reset_handles(*, close: bool = True) -> None:
     _HANDLES.clear()
 
 
-def read_block(src: Source, box: Box) -> tuple[np.ndarray, np.ndarray]:
+def read_pixels(src: Source, box: Box) -> tuple[np.ndarray, np.ndarray]:
     """The pixels of ``box`` and their validity."""
     key = (src.kind, src.path, src.variable)
     if src.kind == "blocks":
@@ -133,7 +133,7 @@ def read_block(src: Source, box: Box) -> tuple[np.ndarray, np.ndarray]:
     return values, valid
 
 
-def write_block(src: Source, box: Box, values: np.ndarray) -> None:
+def write_pixels(src: Source, box: Box, values: np.ndarray) -> None:
     """Store the pixels of ``box`` in a ``"blocks"`` source (written whole, then renamed)."""
     path = Path(src.path) / f"{box.y0}_{box.x0}.z"
     tmp = path.with_suffix(".part")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from geoseg.tiling import Box
-from geoseg.vector.inputs import Grid, Source, read_block, write_block
+from geoseg.vector.inputs import Grid, Source, read_pixels, write_pixels
 from geoseg.vector.regions import Regions, adjacency, label_regions
 from geoseg.vector.sweep import Sweep
 
@@ -45,7 +45,7 @@ def sieve(
             return None
 
     def analyse(src: Source, box: Box) -> tuple[np.ndarray, np.ndarray, Regions, np.ndarray, np.ndarray]:
-        classes, valid = read_block(src, box)
+        classes, valid = read_pixels(src, box)
         regions = label_regions(classes, valid)
         return (
             classes,
@@ -79,7 +79,7 @@ def sieve(
                     regions.sizes(weights(box)),
                     regions.border_labels(box, grid.height, grid.width),
                 )
-            write_block(sieved, box, classes)
+            write_pixels(sieved, box, classes)
             following.collect(box, regions, size, border)
             tick(len(blocks) if i == 0 and rounds > 0 else 0)
         log.debug("sieve round %d: %d regions changed class", rounds + 1, changed)

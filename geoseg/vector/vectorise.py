@@ -10,13 +10,9 @@ merged as soon as their region is complete. Memory follows the block size, the r
 regions still open, not the raster size; the one exception is a single region spanning many blocks,
 whose polygon is assembled whole (about 32 bytes per vertex while it is merged and written). Without ``min_area``
 and ``simplify`` the result is exact and does not depend on ``block_size``: the same polygons as
-``rasterio.features.shapes(..., connectivity=4)`` on the whole raster. Blocks are polygonised in
-``workers`` processes; merging and writing happen in the calling process.
-
-The parts live in :mod:`geoseg.vector`: ``inputs`` (reading class rasters and Zarr stores),
-``regions`` (labelling), ``trace`` (outlines), ``polygons`` (flat polygon arrays and WKB), ``blocks``
-(one block, worker pool), ``sweep``, ``borders`` and ``merge`` (joining pieces across borders),
-``sieve`` (minimum mapping unit) and ``attributes`` (output rows).
+``rasterio.features.shapes(..., connectivity=4)`` on the whole raster. Blocks are polygonised as
+tasks on the run's Dask cluster, in a pool of spawned processes, or in this process; merging and
+writing happen in the calling process. The parts are listed in :mod:`geoseg.vector`.
 """
 
 from __future__ import annotations
@@ -24,23 +20,28 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from geoseg.atomic import PARTIAL
 from geoseg.config import ClassSchema
 from geoseg.errors import ConfigError
-from geoseg.export.vector import VectorWriter, infer_driver
 from geoseg.raster import gdal_env
-from geoseg.tiling import Box
+from geoseg.tiling import partition
 from geoseg.vector.attributes import FIELDS, attribute_table
-from geoseg.vector.blocks import BlockJob, map_blocks
+from geoseg.vector.blocks import BlockOut, PolygonJob, map_blocks
 from geoseg.vector.borders import BorderMerger, PieceStore
-from geoseg.vector.inputs import Grid, Source, open_class_raster, open_confidence, read_block, reset_handles
+from geoseg.vector.inputs import Grid, Source, open_class_raster, open_confidence, read_pixels, reset_handles
 from geoseg.vector.sieve import MAX_SIEVE_ROUNDS, sieve
+from geoseg.vector.writer import VectorWriter, infer_driver
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 __all__ = [
     "FIELDS",
@@ -50,7 +51,7 @@ __all__ = [
     "VectorizeSummary",
     "open_class_raster",
     "open_confidence",
-    "read_block",
+    "read_pixels",
     "vectorize",
 ]
 
@@ -85,6 +86,7 @@ def vectorize(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    client: Client | None = None,
 ) -> VectorizeSummary:
     """Turn a class raster into polygons with class, name, area, perimeter and mean confidence.
 
@@ -114,7 +116,10 @@ def vectorize(
         driver: ``"GPKG"``, ``"ESRI Shapefile"`` or ``"Parquet"``, overriding the suffix.
         overwrite: replace an existing output.
         progress: called with (blocks done, blocks planned); the sieve adds passes as it goes.
-        workers: processes polygonising blocks (default: CPU count, at most 4; 1 runs in-process).
+        workers: processes polygonising blocks, spawned for this call (default: CPU count, at most 4;
+            1 runs in-process); unused with ``client``.
+        client: a Dask client: the blocks are polygonised as tasks on its cluster (the predict
+            stage passes the cluster that ran the blocks). Merging and writing stay in this process.
 
     Returns:
         A :class:`VectorizeSummary`. Fields written: ``class_id``, ``class_name``, ``area_m2`` and
@@ -141,17 +146,13 @@ def vectorize(
     conf = open_confidence(confidence, grid) if confidence is not None else None
     names = {c.id: c.name for c in classes.classes} if classes else {}
     fields = {k: v for k, v in FIELDS.items() if k != "mean_conf" or conf is not None}
-    blocks = [
-        Box(y, x, min(y + block_size, grid.height), min(x + block_size, grid.width))
-        for y in range(0, grid.height, block_size)
-        for x in range(0, grid.width, block_size)
-    ]
+    blocks = list(partition(grid.height, grid.width, block_size))
     workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
     ticker = _Ticker(progress, len(blocks) * (3 if min_area else 1))
     out = Path(out)
     with (
         VectorWriter(out, crs=grid.crs, fields=fields, driver=driver, overwrite=overwrite) as writer,
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=writer.path.parent) as tmp,
+        tempfile.TemporaryDirectory(prefix=f".{out.stem}.", suffix=PARTIAL, dir=writer.path.parent) as tmp,
         gdal_env(),
     ):
         try:
@@ -159,12 +160,13 @@ def vectorize(
             if min_area:
                 source, rounds = sieve(source, grid, blocks, min_area, Path(tmp), ticker.tick)
             simplify_px = simplify / grid.pixel_size_m() if simplify else None
-            job = BlockJob(source, conf, grid, names, simplify_px)
+            job = PolygonJob(source, conf, grid, names, simplify_px)
             summary = _Output(writer, job)
-            _polygonize(job, blocks, block_size, summary, Path(tmp), ticker, workers)
+            results = map_blocks(job, blocks, workers=workers, client=client)
+            _merge_and_write(results, job, block_size, summary, Path(tmp), ticker)
         finally:
             reset_handles()
-    log.info("vectorised %s: %d polygons in %d blocks", class_raster, summary.polygons, len(blocks))
+    log.debug("vectorised %s: %d polygons in %d blocks", class_raster, summary.polygons, len(blocks))
     return VectorizeSummary(
         writer.path, summary.polygons, dict(sorted(summary.pixels.items())), dict(sorted(summary.area.items())), rounds
     )
@@ -184,7 +186,7 @@ class _Ticker:
 class _Output:
     """Rows on their way to the writer, in batches (:data:`_BATCH`), and the totals of what was written."""
 
-    def __init__(self, writer: VectorWriter, job: BlockJob) -> None:
+    def __init__(self, writer: VectorWriter, job: PolygonJob) -> None:
         self.writer, self.job = writer, job
         self.batch: list[pa.Table] = []
         self.rows = self.bytes = self.polygons = 0
@@ -213,8 +215,8 @@ class _Output:
             self.rows = self.bytes = 0
 
 
-def _polygonize(
-    job: BlockJob, blocks: list[Box], block_size: int, output: _Output, tmp: Path, ticker: _Ticker, workers: int
+def _merge_and_write(
+    results: Iterator[BlockOut], job: PolygonJob, block_size: int, output: _Output, tmp: Path, ticker: _Ticker
 ) -> None:
     store = PieceStore(tmp)
     grid = job.grid
@@ -222,7 +224,7 @@ def _polygonize(
         store, block_size=block_size, height=grid.height, width=grid.width, exact=job.simplify_px is None
     )
     try:
-        for res in map_blocks(job, blocks, workers):
+        for res in results:
             output.emit(res.table)
             for k, n in res.class_pixels.items():
                 output.pixels[k] = output.pixels.get(k, 0) + n
@@ -243,4 +245,5 @@ def _polygonize(
             ticker.tick()
         output.flush()
     finally:
+        results.close()  # stops the blocks still running, at once, also on an interrupt
         store.close()

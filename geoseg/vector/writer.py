@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
-import secrets
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,7 +28,8 @@ import pyarrow.parquet as pq
 import shapely
 from pyproj import CRS
 
-from geoseg.errors import OutputExistsError, VectorExportError
+from geoseg.atomic import atomic_write
+from geoseg.errors import VectorExportError
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -44,8 +43,7 @@ _SUFFIX = {"GPKG": ".gpkg", "ESRI Shapefile": ".shp", "Parquet": ".parquet"}
 SHAPEFILE_MAX_BYTES = 2 * 1024**3
 #: Shapefile (dBASE) field names hold at most 10 characters; these long names get a short one.
 SHAPEFILE_FIELDS = {"perimeter_m": "perim_m"}
-_SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
-_SHAPEFILE_STALE = (".qix", ".sbn", ".sbx", ".shp.xml")
+_SHAPEFILE_SIDECARS = (".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")
 #: dBASE field widths GDAL uses by default, to estimate .dbf size before the first batch.
 _DBF_WIDTH = {
     "int8": 4,
@@ -129,8 +127,6 @@ class VectorWriter:
             raise VectorExportError(
                 f"{self.path}: is a folder; give a file name, e.g. {self.path / 'a.gpkg'}."
             )
-        if self.path.exists() and not overwrite:
-            raise OutputExistsError(f"{self.path}: already exists. Pick another name or pass overwrite=True.")
         try:
             self.crs = CRS.from_user_input(crs)
         except Exception as err:  # noqa: BLE001  (pyproj raises CRSError, TypeError, ...)
@@ -140,8 +136,6 @@ class VectorWriter:
         self.max_shapefile_bytes = max_shapefile_bytes
         self.features = 0
         self._schema = None if fields is None else _schema(fields)
-        token = secrets.token_hex(4)
-        self._tmp = self.path.with_name(f".{self.path.stem}.{token}.partial{self.path.suffix}")
         self._parquet: pq.ParquetWriter | None = None
         self._started = False
         self._closed = False
@@ -149,7 +143,8 @@ class VectorWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._shp_bytes = self._dbf_bytes = 100
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic = atomic_write(self.path, overwrite=overwrite, sidecars=self._sidecars)
+        self._tmp = self._atomic.__enter__()
 
     def __enter__(self) -> VectorWriter:
         return self
@@ -321,12 +316,12 @@ class VectorWriter:
                 self._send(_END)
                 self._thread.join()
                 self._raise_if_failed(finished=True)
-            self._publish()
+            self._atomic.__exit__(None, None, None)  # renames the file (and its sidecars) into place
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        log.info("wrote %d polygons to %s", self.features, self.path)
+        log.debug("wrote %d polygons to %s", self.features, self.path)
 
     def abort(self) -> None:
         """Stop writing and drop the temporary file(s); the final path is left as it was."""
@@ -344,29 +339,18 @@ class VectorWriter:
                 except queue.Full:
                     continue
             self._thread.join()
-        for part in self._temp_parts():
-            part.unlink(missing_ok=True)
+        if not self._closed:
+            self._atomic.__exit__(_Aborted, _Aborted(), None)  # drops the temporary file and sidecars
         self._closed = True
 
-    def _temp_parts(self) -> list[Path]:
-        base = self._tmp.with_suffix("")
-        if self.driver == "ESRI Shapefile":
-            return [base.with_name(base.name + ext) for ext in _SHAPEFILE_PARTS]
-        return [self._tmp, *(self._tmp.with_name(self._tmp.name + x) for x in ("-journal", "-wal", "-shm"))]
+    def _sidecars(self, path: Path) -> list[Path]:
+        """The files that travel with ``path``: a Shapefile's parts, a GeoPackage's SQLite journals.
 
-    def _publish(self) -> None:
-        if self.driver != "ESRI Shapefile":
-            os.replace(self._tmp, self.path)
-            return
-        final = self.path.with_suffix("")
-        for ext in _SHAPEFILE_PARTS + _SHAPEFILE_STALE:
-            final.with_name(final.name + ext).unlink(missing_ok=True)
-        tmp = self._tmp.with_suffix("")
-        # the .shp goes last, so a reader never sees a .shp whose sidecars are missing
-        for ext in sorted(_SHAPEFILE_PARTS, key=lambda e: e == ".shp"):
-            src = tmp.with_name(tmp.name + ext)
-            if src.exists():
-                os.replace(src, final.with_name(final.name + ext))
+        A sidecar the new file lacks (an old Shapefile's ``.qix``) is removed from the final name.
+        """
+        if self.driver == "ESRI Shapefile":
+            return [path.with_suffix(ext) for ext in _SHAPEFILE_SIDECARS] + [Path(f"{path}.xml")]
+        return [Path(f"{path}{x}") for x in ("-journal", "-wal", "-shm")]
 
 
 def _schema(fields: Mapping[str, str | pa.DataType]) -> pa.Schema:
