@@ -93,7 +93,6 @@ def make_checkpoint(arch: str, backbone: str, tile: int) -> Path:
 
 
 def child_e2e(args: argparse.Namespace) -> dict:
-    from geoseg.cluster import dask_client
     from geoseg.config import PredictConfig
     from geoseg.pipeline import plan_run, predict_raster
     from geoseg.predict import resolve_device
@@ -104,11 +103,7 @@ def child_e2e(args: argparse.Namespace) -> dict:
     forward = time_forwards() if args.workers == 1 and resolve_device(args.device).type == "cpu" else None
     started = time.time()
     t0, c0 = time.perf_counter(), time.process_time()
-    if args.workers == 1:
-        result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True)
-    else:
-        with dask_client(workers=args.workers, device=args.device) as client:
-            result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, client=client)
+    result = predict_raster(args.scene, args.checkpoint, out, config=cfg, overwrite=True, start_cluster=True)
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     plan = plan_run(args.scene, args.checkpoint, out, config=cfg)
     return {"seconds": seconds, "cpu_s": cpu_s, "started": started, "forward_s": forward and forward[0],
@@ -141,8 +136,9 @@ def child_model(args: argparse.Namespace) -> dict:
 
     from geoseg.checkpoint import load_checkpoint
     from geoseg.config import PredictConfig
-    from geoseg.pipeline import plan_run, torch_threads
+    from geoseg.pipeline import plan_run
     from geoseg.predict import Predictor
+    from geoseg.worker import torch_threads
 
     cfg = PredictConfig(block_size=args.block_size, batch_size=args.batch, device=args.device, vectorize=False)
     plan = plan_run(args.scene, args.checkpoint, WORK / "model_only_plan", config=cfg)

@@ -4,15 +4,17 @@ Thin: every step is a ``geoseg.pipeline`` stage. Prefect tasks are stages, never
 (a Prefect task run costs ~55 ms of client and server CPU, a Dask task ~1 ms), so orchestration stays
 a small fraction of the run. Blocks fan out over Dask; a progress artifact follows them.
 
-Run it: ``python flows/predict.py SCENE CHECKPOINT OUT_DIR [CONFIG_YAML]``.
+Run it: ``python flows/predict.py SCENE CHECKPOINT OUT_DIR [CONFIG_YAML] [-v]``; the inputs are
+checked before Prefect starts a (temporary) server, and the terminal shows one line per stage.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -24,7 +26,11 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from geoseg.cluster import dask_client
+if TYPE_CHECKING:
+    from distributed import Client
+
+from geoseg.cluster import cluster_for
+from geoseg.command import run_command, setup_logging
 from geoseg.config import PredictConfig, settings_with_overrides
 from geoseg.errors import GeosegError
 from geoseg.pipeline import (
@@ -33,13 +39,12 @@ from geoseg.pipeline import (
     Stages,
     class_areas,
     finalise,
-    plan_and_prepare,
+    plan_stage,
     run_blocks,
     run_stages,
     vectorise_stage,
     write_summary,
 )
-from geoseg.store import done_blocks
 
 #: Seconds between progress-artifact updates (each is an API call).
 PROGRESS_EVERY_S = 2.0
@@ -58,19 +63,18 @@ def retry_io_only(task: object, task_run: object, state: State) -> bool:
 
 @task(name="plan", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def plan_task(scene: str, checkpoint: str, out_dir: str, config: PredictConfig, overwrite: bool) -> RunPlan:
-    """Validate inputs, plan blocks, prepare (or resume) the Zarr store."""
-    plan = plan_and_prepare(scene, checkpoint, out_dir, config, overwrite)
-    done = int(done_blocks(plan.store).sum())
+    """Validate every input and the output folder, and plan the blocks (nothing is written)."""
+    plan = plan_stage(scene, checkpoint, out_dir, config, overwrite)
     get_run_logger().info(
-        "%d blocks of %d px (%d tiles of %d px, margin %d)%s", len(plan.blocks), plan.block_size,
-        plan.tiles, plan.grid.tile, plan.grid.margin, f"; resuming, {done} already done" if done else "",
+        "%d blocks of %d px (%d tiles of %d px, margin %d)", len(plan.blocks), plan.block_size,
+        plan.tiles, plan.grid.tile, plan.grid.margin,
     )
     return plan
 
 
 @task(name="blocks", cache_policy=NO_CACHE)
-def blocks_task(plan: RunPlan) -> tuple[int, int]:
-    """Fan the blocks out over Dask, updating a progress artifact as they finish."""
+def blocks_task(plan: RunPlan, client: Client | None) -> tuple[int, int]:
+    """Create or resume the store and run the blocks on the run's cluster, with a progress artifact."""
     artifact = create_progress_artifact(
         progress=0.0, key=f"blocks-{plan.fingerprint[:16]}", description=f"Blocks of {plan.scene.path.name}"
     )
@@ -82,9 +86,7 @@ def blocks_task(plan: RunPlan) -> tuple[int, int]:
             update_progress_artifact(artifact, progress=100.0 * done / total)
             last[0] = now
 
-    cfg = plan.config
-    with dask_client(workers=cfg.workers, scheduler=cfg.scheduler, device=cfg.device, threads=cfg.threads) as client:
-        return run_blocks(plan, client=client, progress=progress)
+    return run_blocks(plan, client=client, progress=progress)
 
 
 @task(name="finalise", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
@@ -107,9 +109,9 @@ def areas_task(plan: RunPlan) -> list[dict[str, Any]]:
 
 
 @task(name="vectorise", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
-def vectorise_task(plan: RunPlan) -> str:
-    """Polygons merged across block borders."""
-    return vectorise_stage(plan, overwrite=True)
+def vectorise_task(plan: RunPlan, client: Client | None) -> str:
+    """Polygons merged across block borders, the blocks polygonised on the run's cluster."""
+    return vectorise_stage(plan, client=client)
 
 
 @task(name="summary", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
@@ -156,14 +158,32 @@ def predict(
     cfg = settings_with_overrides(PredictConfig, config, workers=workers, scheduler=scheduler)
     stages = Stages(plan=plan_task, blocks=blocks_task, finalise=finalise_task, areas=areas_task,
                     vectorise=vectorise_task, summary=summary_task)
-    outputs = run_stages(stages, scene, checkpoint, out_dir, config=cfg, overwrite=overwrite).outputs
-    print(f"outputs in {Path(out_dir).resolve()}:")
-    for name, path in outputs.items():
-        print(f"  {name:11s} {path}")
-    return outputs
+    return run_stages(
+        stages, scene, checkpoint, out_dir, config=cfg, overwrite=overwrite, cluster=lambda: cluster_for(cfg)
+    ).outputs
+
+
+def main(argv: list[str]) -> int:
+    """Command line: check the inputs first (no Prefect server starts for bad input), then run the flow."""
+    verbose = "-v" in argv
+    args = [a for a in argv if a != "-v"]
+    if len(args) not in (3, 4):
+        print("usage: python flows/predict.py SCENE CHECKPOINT OUT_DIR [CONFIG_YAML] [-v]", file=sys.stderr)
+        return 2
+    setup_logging(verbose=verbose)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry fights over the SQLite file
+    scene, checkpoint, out_dir, *config = args
+
+    def body() -> None:
+        cfg = settings_with_overrides(PredictConfig, config[0] if config else None)
+        plan_stage(scene, checkpoint, out_dir, cfg, False)
+        outputs = predict(scene, checkpoint, out_dir, config=cfg.model_dump())
+        print(f"outputs in {Path(out_dir).resolve()}:")
+        for name, path in outputs.items():
+            print(f"  {name:11s} {path}")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (4, 5):
-        sys.exit("usage: python flows/predict.py SCENE CHECKPOINT OUT_DIR [CONFIG_YAML]")
-    predict(*sys.argv[1:4], config=sys.argv[4] if len(sys.argv) == 5 else None)
+    sys.exit(main(sys.argv[1:]))

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import typer
-
-from geoseg.errors import GeosegError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Satellite imagery to land-cover maps.")
 
@@ -18,11 +15,9 @@ def _global(
     verbose: bool = typer.Option(False, "-v", "--verbose", help="show debug logging"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="only warnings and errors"),
 ) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:  # GDAL's and Dask's INFO chatter is noise to a user; geoseg's own INFO is not
-        for noisy in ("rasterio", "distributed"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from geoseg.command import setup_logging
+
+    setup_logging(verbose=verbose, quiet=quiet)
 
 
 class _Bar:
@@ -52,6 +47,15 @@ def info(scene: Path = typer.Argument(..., help="GeoTIFF to inspect")) -> None:
     typer.echo(f"  CRS {s.crs.to_string()}, pixel {s.transform.a:g} x {-s.transform.e:g}, nodata {s.nodata}")
 
 
+def _parse_bands(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    bands = tuple(b.strip() for b in text.split(",") if b.strip())
+    if not bands:
+        raise typer.BadParameter(f"expected band indexes or names like 1,2,3 or red,green,blue, got {text!r}")
+    return bands
+
+
 def _parse_scales(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -67,6 +71,9 @@ def predict(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="geoseg checkpoint (.pt)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     config: Path | None = typer.Option(None, "--config", help="predict settings YAML (configs/predict/)"),
+    bands: str | None = typer.Option(
+        None, "--bands", help="scene bands in the model's order: 1-based indexes or names, e.g. 1,2,3,4,5,6"
+    ),
     tile: int | None = typer.Option(None, "--tile", help="tile size in px (default: the checkpoint's)"),
     scales: str | None = typer.Option(None, "--scales", help="multi-scale factors, e.g. 0.75,1,1.25"),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="average with left-right flipped tiles"),
@@ -79,26 +86,19 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace outputs of another run in --out"),
 ) -> None:
     """Classify a scene: class map and confidence COGs, polygons, Zarr store and summary in --out."""
-    from geoseg.cluster import dask_client
     from geoseg.config import PredictConfig, settings_with_overrides
     from geoseg.pipeline import predict_raster
 
     cfg = settings_with_overrides(
-        PredictConfig, config, tile_size=tile, scales=_parse_scales(scales), flip=flip,
+        PredictConfig, config, tile_size=tile, scales=_parse_scales(scales), flip=flip, bands=_parse_bands(bands),
         block_size=block_size, batch_size=batch_size, workers=workers, scheduler=scheduler, device=device,
         vectorize=vectorize,
     )
     progress = _Bar("block")
-    try:
-        if cfg.workers == 1 and not cfg.scheduler:  # no cluster: blocks run in this process
-            result = predict_raster(scene, checkpoint, out, config=cfg, overwrite=overwrite, progress=progress)
-        else:
-            with dask_client(
-                workers=cfg.workers, scheduler=cfg.scheduler, device=cfg.device, threads=cfg.threads
-            ) as client:
-                result = predict_raster(
-                    scene, checkpoint, out, config=cfg, client=client, overwrite=overwrite, progress=progress
-                )
+    try:  # the cluster (none for --workers 1) starts once every input is checked
+        result = predict_raster(
+            scene, checkpoint, out, config=cfg, start_cluster=True, overwrite=overwrite, progress=progress
+        )
     finally:
         progress.close()
     typer.echo(f"{result.blocks_computed} blocks computed, {result.blocks_skipped} resumed; outputs:")
@@ -119,7 +119,7 @@ def vectorize(
 ) -> None:
     """Polygons from a class raster, merged across block borders (exact without --min-area/--simplify)."""
     from geoseg.config import ClassSchema, load_config
-    from geoseg.vectorize import vectorize as run
+    from geoseg.vector import vectorize as run
 
     schema = load_config(classes, ClassSchema) if classes else None
     bar = _Bar("block")
@@ -174,9 +174,7 @@ def compare(
 
 
 def main() -> None:
-    """Entry point: run the app, printing a GeosegError as one line (no traceback), exit code 2."""
-    try:
-        app()
-    except GeosegError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    """Entry point: a GeosegError prints one line (exit 2), an interrupt one line (exit 130 / 143)."""
+    from geoseg.command import run_command
+
+    sys.exit(run_command(app))

@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distributed import Client, LocalCluster
 
 from geoseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from geoseg.config import PredictConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,13 @@ def dask_client(
     log.info("started %s with %d worker(s)", type(cluster).__name__, len(cluster.workers))
     with cluster, Client(cluster) as client:
         yield client
+
+
+def cluster_for(config: PredictConfig) -> AbstractContextManager[Client | None]:
+    """The cluster a predict run's settings ask for: none for one local worker, else :func:`dask_client`."""
+    if config.workers == 1 and not config.scheduler:
+        return nullcontext(None)
+    return dask_client(workers=config.workers, scheduler=config.scheduler, device=config.device, threads=config.threads)
 
 
 def gpu_workers(client: Client) -> int:

@@ -125,6 +125,10 @@ class PredictConfig(_Settings):
         1, ge=1, description="torch CPU threads per worker, fixed so any worker count gives the same bytes"
     )
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    bands: tuple[int | str, ...] | None = Field(
+        None, min_length=1,
+        description="scene bands in the model's order, 1-based indexes or descriptions (None: match by name or count)",
+    )
     probabilities: bool = Field(False, description="also store per-class probabilities in the Zarr store")
     vectorize: bool = True
     vector_format: Literal["gpkg", "shp", "parquet"] = "gpkg"

@@ -1,7 +1,10 @@
-"""The predict job as stages: plan → run blocks (locally or on Dask) → finalise COGs → areas → summary.
+"""The client side of a predict run: plan → blocks (locally or on Dask) → COGs → areas → polygons → summary.
 
 :func:`predict_raster` runs them all; the Prefect flow (``flows/predict.py``) and the CLI call the
-same stage functions, so every entry point writes the same bytes.
+same stage functions through :func:`run_stages`, so every entry point writes the same bytes. The plan
+stage checks every input and the output folder before anything is written or any cluster starts;
+the rest runs holding the output folder's lock (:mod:`geoseg.runlock`) and one cluster, which does
+the blocks and then the polygons. What a worker does with its blocks is :mod:`geoseg.worker`.
 
 Output folder::
 
@@ -20,53 +23,34 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-import torch
 from distributed import Client, as_completed
 
 import geoseg
+from geoseg.atomic import write_error, write_text
 from geoseg.checkpoint import ModelContract, check_scene, file_sha256, load_checkpoint
-from geoseg.cluster import GPU_RESOURCE, gpu_workers
+from geoseg.cluster import GPU_RESOURCE, cluster_for, gpu_workers
 from geoseg.config import PredictConfig
-from geoseg.errors import OutputExistsError
+from geoseg.errors import BandMismatchError, OutputExistsError
 from geoseg.export.cog import write_class_cog, write_confidence_cog
-from geoseg.heap import one_arena, release_freed_memory
-from geoseg.predict import Predictor, resolve_device
-from geoseg.raster import SceneInfo, gdal_env, open_scene, pixel_areas_m2, read_window, require_valid_pixels
-from geoseg.stitch import CLASS_NODATA, blend_block
-from geoseg.store import done_blocks, iter_chunks, prepare_store, store_fingerprint, write_block
+from geoseg.predict import resolve_device
+from geoseg.raster import SceneInfo, open_scene, pixel_areas_m2, require_valid_pixels, resolve_bands
+from geoseg.runlock import check_unlocked, run_lock
+from geoseg.stitch import CLASS_NODATA
+from geoseg.store import done_blocks, iter_chunks, prepare_store, store_fingerprint
 from geoseg.tiling import Block, TileGrid, align_block_size, block_layout, context_margin, plan_blocks
+from geoseg.worker import BlockJob, process_blocks
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class BlockJob:
-    """What a worker needs to process blocks: small, picklable, identical for every block of a run."""
-
-    scene: str
-    bands: tuple[int, ...]
-    checkpoint: str
-    checkpoint_sha256: str
-    scales: tuple[float, ...]
-    flip: bool
-    device: str
-    batch_size: int
-    margin: int
-    probabilities: bool
-    store: str
-    torch_threads: int
 
 
 @dataclass(frozen=True)
@@ -82,6 +66,7 @@ class RunPlan:
     out_dir: Path
     job: BlockJob
     fingerprint: str
+    overwrite: bool = False
 
     @property
     def store(self) -> Path:
@@ -131,16 +116,18 @@ def plan_run(
     out_dir: str | Path,
     *,
     config: PredictConfig | None = None,
+    overwrite: bool = False,
 ) -> RunPlan:
-    """Validate the inputs and plan the grid; no model compute.
+    """Validate every input and the output folder, and plan the grid; nothing is written.
 
     Raises:
-        GeosegError: a bad scene, checkpoint, band mismatch or setting, before any work starts.
+        GeosegError: a bad scene, checkpoint, band mismatch, setting or output folder, before any
+            work starts (see :func:`check_outputs`).
     """
     config = config or PredictConfig()
     info = open_scene(scene)
     _, contract = load_checkpoint(checkpoint)
-    bands = check_scene(contract, info)
+    bands = _model_bands(contract, info, config.bands)
     require_valid_pixels(info)
     device = resolve_device(config.device)
     tile = config.tile_size or contract.tile_size
@@ -163,95 +150,65 @@ def plan_run(
         "probabilities": config.probabilities,
         "version": geoseg.__version__,
     }, default=str).encode()).hexdigest()
-    return RunPlan(
+    plan = RunPlan(
         scene=info, contract=contract, config=config, grid=grid, block_size=block_size,
         blocks=plan_blocks(grid, block_size), out_dir=Path(out_dir), job=job, fingerprint=fingerprint,
+        overwrite=overwrite,
     )
+    check_outputs(plan)
+    return plan
 
 
-def prepare_outputs(plan: RunPlan, *, overwrite: bool = False) -> bool:
-    """Create the output folder and store, or resume a matching one. Returns True when resuming.
+def _model_bands(contract: ModelContract, scene: SceneInfo, bands: Sequence[int | str] | None) -> tuple[int, ...]:
+    """The scene's bands in the model's order: as ``bands`` says, else matched by name or count."""
+    if bands is None:
+        return check_scene(contract, scene)
+    chosen = resolve_bands(scene, bands)
+    if len(chosen) != len(contract.band_names):
+        raise BandMismatchError(
+            f"{scene.path}: --bands names {len(chosen)} bands but the model expects {len(contract.band_names)} "
+            f"({list(contract.band_names)}). Name one scene band per model band, in the model's order."
+        )
+    return chosen
+
+
+def check_outputs(plan: RunPlan) -> None:
+    """Check the output folder before any work: writable, not in use, no other run's outputs in it.
 
     Raises:
-        OutputExistsError: the folder holds outputs of other inputs or settings, or finished outputs
-            of this run, and ``overwrite`` is False.
+        OutputWriteError: the folder (or the nearest folder above it that exists) is not writable.
+        OutputLockedError: another live run is writing into it.
+        OutputExistsError: it holds outputs of other inputs or settings, or finished outputs of this
+            run, and ``plan.overwrite`` is False.
     """
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    if not overwrite and store_fingerprint(plan.store) != plan.fingerprint:
-        for p in (plan.class_map, plan.confidence_map, plan.polygons, plan.summary):
+    folder = plan.out_dir
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputExistsError(f"{existing}: is a file, not a folder. Pick another output folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise write_error(existing, PermissionError(13, "Permission denied"))
+    check_unlocked(folder)
+    if not plan.overwrite and store_fingerprint(plan.store) != plan.fingerprint:
+        for p in (plan.store, plan.class_map, plan.confidence_map, plan.polygons, plan.summary):
             if p.exists():
-                raise OutputExistsError(f"{p}: already exists. Pick another output folder or pass --overwrite.")
+                what = "holds a prediction of other inputs or settings" if p == plan.store else "already exists"
+                raise OutputExistsError(f"{p}: {what}. Pick another output folder or pass --overwrite.")
+
+
+def prepare_outputs(plan: RunPlan) -> bool:
+    """Create the output folder and store, or resume a matching one. Returns True when resuming.
+
+    Call it holding the folder's lock (:func:`geoseg.runlock.run_lock`).
+    """
+    try:
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(plan.out_dir, err) from None
     return prepare_store(
-        plan.store, plan.fingerprint, overwrite=overwrite, scene=plan.scene, block_size=plan.block_size,
+        plan.store, plan.fingerprint, overwrite=plan.overwrite, scene=plan.scene, block_size=plan.block_size,
         layout=block_layout(plan.grid, plan.block_size), class_ids=plan.contract.classes.ids,
         class_names=plan.contract.classes.names, probabilities=plan.config.probabilities,
     )
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch CPU ops with exactly ``n`` threads (results depend on it), then restore the old count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@lru_cache(maxsize=2)
-def _worker_predictor(job: BlockJob) -> Predictor:
-    """Load the checkpoint once per worker process and keep it (keyed by path, hash and settings)."""
-    model, contract = load_checkpoint(job.checkpoint, device=job.device)
-    return Predictor(model, contract, scales=job.scales, flip=job.flip, device=job.device, batch_size=job.batch_size)
-
-
-def read_block(job: BlockJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
-    """A block's read box in the scene's data type: (C, h, w) bands and the (h, w) validity mask."""
-    with gdal_env(), rasterio.open(job.scene) as src:
-        return read_window(src, block.read, bands=job.bands, dtype=None)
-
-
-def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
-    """Read, predict, blend and write blocks (runs on a worker). Returns the tiles it ran.
-
-    The model never waits for I/O: while block ``i`` is normalised, predicted and blended on this
-    thread (on the predictor's device, its bands copied there in the scene's data type), a reader
-    thread reads block ``i + 1`` and a writer thread writes block ``i - 1`` into the store. At most
-    one block is read ahead (native dtype) and one write is pending (class ids and confidences).
-    ``on_block`` is called as each block's write completes.
-    """
-    one_arena()
-    predictor = _worker_predictor(job)
-    contract = predictor.contract
-    writing: Future | None = None
-
-    def finish_write() -> None:
-        if writing is not None:
-            writing.result()
-            release_freed_memory()
-            if on_block:
-                on_block()
-
-    with ThreadPoolExecutor(1, thread_name_prefix="geoseg-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="geoseg-write") as writer:
-        ahead = reader.submit(read_block, job, blocks[0]) if blocks else None
-        for i, block in enumerate(blocks):
-            data, valid = ahead.result()
-            ahead = reader.submit(read_block, job, blocks[i + 1]) if i + 1 < len(blocks) else None
-            with torch_threads(job.torch_threads):
-                bands = torch.from_numpy(data).to(predictor.device)
-                image = contract.normalise(bands, torch.from_numpy(valid), inplace=True)
-                del data, bands
-                result = blend_block(
-                    block, image, valid, predictor.proba, margin=job.margin, class_ids=contract.classes.ids,
-                    batch_size=job.batch_size, keep_probabilities=job.probabilities, device=predictor.device,
-                )
-            del image
-            finish_write()
-            writing = writer.submit(write_block, Path(job.store), block, result)
-        finish_write()
-    return sum(len(b.tiles) for b in blocks)
 
 
 def block_groups(blocks: Sequence[Block], workers: int) -> list[tuple[Block, ...]]:
@@ -265,11 +222,13 @@ def block_groups(blocks: Sequence[Block], workers: int) -> list[tuple[Block, ...
 
 
 def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progress | None = None) -> tuple[int, int]:
-    """Process every block not yet done, in-process or fanned out over ``client``.
+    """Create the store (or resume it), then process every block not yet done, here or over ``client``.
 
     Returns:
         ``(computed, skipped)`` block counts.
     """
+    if prepare_outputs(plan):
+        log.info("resuming: %d of %d blocks already done", int(done_blocks(plan.store).sum()), len(plan.blocks))
     done = done_blocks(plan.store)
     todo = [b for b in plan.blocks if not done[b.row, b.col]]
     skipped = len(plan.blocks) - len(todo)
@@ -341,50 +300,52 @@ def write_summary(plan: RunPlan, result: RunResult) -> Path:
         "settings": plan.config.model_dump(mode="json"),
         "grid": {"tile": plan.grid.tile, "margin": plan.grid.margin, "stride": plan.grid.stride,
                  "block_size": plan.block_size, "blocks": len(plan.blocks), "tiles": plan.tiles,
-                 "device": plan.job.device},
+                 "device": plan.job.device, "bands": list(plan.job.bands)},
         **asdict(result),
     }
-    partial = plan.summary.with_name(plan.summary.name + ".partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    os.replace(partial, plan.summary)
-    return plan.summary
+    return write_text(plan.summary, json.dumps(summary, indent=2))
 
 
-def vectorise_stage(plan: RunPlan, *, overwrite: bool = False) -> str:
-    """Polygons from the class map (with mean confidence), merged across block borders."""
-    from geoseg.vectorize import vectorize
+def vectorise_stage(plan: RunPlan, *, client: Client | None = None) -> str:
+    """Polygons from the class map (with mean confidence), merged across block borders.
+
+    The blocks are polygonised on ``client``'s cluster, or without one in this process.
+    """
+    from geoseg.vector import vectorize
 
     vectorize(
         plan.class_map, plan.polygons, classes=plan.contract.classes, block_size=plan.block_size,
         min_area=plan.config.min_area, simplify=plan.config.simplify, confidence=plan.confidence_map,
-        overwrite=overwrite,
+        overwrite=True, client=client, workers=1,
     )
     return str(plan.polygons)
+
+
+Cluster = Callable[[], AbstractContextManager[Client | None]]
 
 
 @dataclass(frozen=True)
 class Stages:
     """The stages of a predict job, each a plain callable; the Prefect flow passes task-wrapped ones.
 
-    ``plan(scene, checkpoint, out_dir, config, overwrite)`` validates, plans and prepares the store;
-    the others take the plan (``summary`` also the result) and return what :func:`run_stages` records.
+    ``plan(scene, checkpoint, out_dir, config, overwrite)`` validates and plans (:func:`plan_run`);
+    ``blocks`` and ``vectorise`` also take the run's Dask client (or None); the others take the plan
+    (``summary`` also the result) and return what :func:`run_stages` records.
     """
 
     plan: Callable[[str | Path, str | Path, str | Path, PredictConfig, bool], RunPlan]
-    blocks: Callable[[RunPlan], tuple[int, int]]
+    blocks: Callable[[RunPlan, Client | None], tuple[int, int]]
     finalise: Callable[[RunPlan], dict[str, str]]
     areas: Callable[[RunPlan], list[dict[str, Any]]]
-    vectorise: Callable[[RunPlan], str]
+    vectorise: Callable[[RunPlan, Client | None], str]
     summary: Callable[[RunPlan, RunResult], Any]
 
 
-def plan_and_prepare(
+def plan_stage(
     scene: str | Path, checkpoint: str | Path, out_dir: str | Path, config: PredictConfig, overwrite: bool
 ) -> RunPlan:
-    """The plan stage: :func:`plan_run`, then :func:`prepare_outputs` (create or resume the store)."""
-    plan = plan_run(scene, checkpoint, out_dir, config=config)
-    prepare_outputs(plan, overwrite=overwrite)
-    return plan
+    """The plan stage: :func:`plan_run` with positional settings, as :class:`Stages` calls it."""
+    return plan_run(scene, checkpoint, out_dir, config=config, overwrite=overwrite)
 
 
 def run_stages(
@@ -395,25 +356,35 @@ def run_stages(
     *,
     config: PredictConfig,
     overwrite: bool,
+    cluster: Cluster = lambda: nullcontext(None),
 ) -> RunResult:
-    """Run the stages in order, timing each: plan → blocks → finalise → areas (+ vectorise) → summary."""
+    """Run the stages in order, timing each: plan → blocks → COGs → areas (→ polygons) → summary.
+
+    Everything after the plan runs holding the output folder's lock and inside ``cluster()`` (a
+    context giving the Dask client that runs the blocks and the polygons, or None), which starts only
+    once every input has been checked and is closed after the polygons.
+    """
     timings: dict[str, float] = {}
 
     def timed(name: str, stage: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
         out = stage(*args)
         timings[name] = time.perf_counter() - t0
+        log.info("%s: done in %.1f s", name, timings[name])
         return out
 
     plan = timed("plan", stages.plan, scene, checkpoint, out_dir, config, overwrite)
-    computed, skipped = timed("blocks", stages.blocks, plan)
-    outputs = timed("finalise", stages.finalise, plan)
-    areas = timed("areas", stages.areas, plan)
-    if config.vectorize:
-        outputs["polygons"] = timed("vectorise", stages.vectorise, plan)
-    outputs["summary"] = str(plan.summary)
-    result = RunResult(outputs, areas, computed, skipped, timings)
-    stages.summary(plan, result)
+    log.info("%d blocks of %d px, %d tiles of %d px (margin %d)", len(plan.blocks), plan.block_size,
+             plan.tiles, plan.grid.tile, plan.grid.margin)
+    with run_lock(plan.out_dir), cluster() as client:
+        computed, skipped = timed("blocks", stages.blocks, plan, client)
+        outputs = timed("finalise", stages.finalise, plan)
+        areas = timed("areas", stages.areas, plan)
+        if config.vectorize:
+            outputs["polygons"] = timed("vectorise", stages.vectorise, plan, client)
+        outputs["summary"] = str(plan.summary)
+        result = RunResult(outputs, areas, computed, skipped, timings)
+        stages.summary(plan, result)
     return result
 
 
@@ -424,6 +395,7 @@ def predict_raster(
     *,
     config: PredictConfig | None = None,
     client: Client | None = None,
+    start_cluster: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> RunResult:
@@ -434,16 +406,23 @@ def predict_raster(
         checkpoint: a geoseg checkpoint (its contract says bands, normalisation and classes).
         out_dir: output folder; re-running into it with the same inputs resumes.
         config: inference settings (defaults: :class:`PredictConfig`).
-        client: a Dask client to fan blocks out over; ``None`` runs them in this process.
+        client: a Dask client to run blocks and polygons on; ``None`` runs them in this process.
+        start_cluster: without ``client``, start the cluster the settings ask for
+            (:func:`geoseg.cluster.cluster_for`) once the inputs are checked, as the CLI does.
         overwrite: replace outputs of another run in ``out_dir``.
         progress: called with ``(blocks_done, blocks_total)``.
     """
+    config = config or PredictConfig()
     stages = Stages(
-        plan=plan_and_prepare,
-        blocks=lambda plan: run_blocks(plan, client=client, progress=progress),
+        plan=plan_stage,
+        blocks=lambda plan, c: run_blocks(plan, client=c, progress=progress),
         finalise=lambda plan: finalise(plan, overwrite=True),
         areas=class_areas,
-        vectorise=lambda plan: vectorise_stage(plan, overwrite=True),
+        vectorise=lambda plan, c: vectorise_stage(plan, client=c),
         summary=write_summary,
     )
-    return run_stages(stages, scene, checkpoint, out_dir, config=config or PredictConfig(), overwrite=overwrite)
+    if client is not None or not start_cluster:
+        cluster: Cluster = lambda: nullcontext(client)  # noqa: E731
+    else:
+        cluster = lambda: cluster_for(config)  # noqa: E731
+    return run_stages(stages, scene, checkpoint, out_dir, config=config, overwrite=overwrite, cluster=cluster)

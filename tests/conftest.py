@@ -121,6 +121,29 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", NC_SCENE)
 
 
+def upsampled_scene(path: Path, factor: int, *, dtype: str = "int16", nodata: float = -9999) -> Path:
+    """The real NC sample enlarged ``factor`` times (nearest), as a user's larger Landsat scene looks:
+    the bands as ``dtype`` with invalid pixels set to ``nodata``, tiled 256 px, deflate."""
+    from rasterio.enums import Resampling
+
+    with rasterio.open(NC_SCENE) as src:
+        h, w = src.height * factor, src.width * factor
+        data = src.read(out_shape=(src.count, h, w), resampling=Resampling.nearest, masked=True)
+        profile = dict(driver="GTiff", width=w, height=h, count=src.count, dtype=dtype, nodata=nodata, crs=src.crs,
+                       transform=src.transform @ src.transform.scale(1 / factor), tiled=True, blockxsize=256,
+                       blockysize=256, compress="deflate")
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(np.where(data.mask, nodata, data.filled(0)).astype(dtype))
+            dst.descriptions = src.descriptions
+    return path
+
+
+@pytest.fixture(scope="session")
+def scene_x2(tmp_path_factory) -> Path:
+    """The NC sample at 2x (978 x 886 px, int16, nodata -9999): 5 x 4 blocks at ``block_size: 256``."""
+    return upsampled_scene(tmp_path_factory.mktemp("scenes") / "nc_x2.tif", 2)
+
+
 @pytest.fixture(scope="session")
 def harness():
     """One temporary Prefect server (prefect_test_harness) shared by the flow tests."""

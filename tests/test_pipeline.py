@@ -16,7 +16,8 @@ from distributed import Client
 from geoseg.cluster import dask_client
 from geoseg.config import PredictConfig
 from geoseg.errors import BandMismatchError, OutputExistsError, SceneNotFoundError
-from geoseg.pipeline import _worker_predictor, plan_run, predict_raster
+from geoseg.pipeline import plan_run, predict_raster
+from geoseg.worker import worker_predictor
 
 CFG = PredictConfig(block_size=128, batch_size=8, vectorize=False)
 
@@ -63,7 +64,7 @@ def test_two_worker_processes_give_identical_bytes(reference, plan, tiny_checkpo
     out, _ = reference
     with dask_client(workers=2, device="cpu") as client:
         result = predict_raster(NC_SCENE, tiny_checkpoint, tmp_path, config=CFG, client=client)
-        loads = client.run(lambda: _worker_predictor.cache_info().misses)
+        loads = client.run(lambda: worker_predictor.cache_info().misses)
     assert result.blocks_computed == len(plan.blocks)
     assert sorted(loads.values()) == [1, 1], "each worker loads the checkpoint exactly once"
     ref_cls, ref_conf = read_outputs(out)
@@ -139,7 +140,7 @@ def test_real_scheduler_and_worker_processes(reference, plan, tiny_checkpoint, t
         cfg = PredictConfig(block_size=128, vectorize=False, scheduler=addr)
         with dask_client(scheduler=addr) as client:
             result = predict_raster(NC_SCENE, tiny_checkpoint, tmp_path / "out", config=cfg, client=client)
-            hosts = client.run(lambda: _worker_predictor.cache_info().misses)
+            hosts = client.run(lambda: worker_predictor.cache_info().misses)
         assert result.blocks_computed == len(plan.blocks) and sum(hosts.values()) == 2
         np.testing.assert_array_equal(read_outputs(tmp_path / "out")[0], read_outputs(reference[0])[0])
     finally:
