@@ -10,7 +10,6 @@ checked before Prefect starts a (temporary) server, and the terminal shows one l
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,12 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
+
+try:
+    from flows.serve import prefect_api
+except ModuleNotFoundError:  # run by path (python flows/predict.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from flows.serve import prefect_api
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -171,13 +176,14 @@ def main(argv: list[str]) -> int:
         print("usage: python flows/predict.py SCENE CHECKPOINT OUT_DIR [CONFIG_YAML] [-v]", file=sys.stderr)
         return 2
     setup_logging(verbose=verbose)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry fights over the SQLite file
     scene, checkpoint, out_dir, *config = args
 
     def body() -> None:
         cfg = settings_with_overrides(PredictConfig, config[0] if config else None)
         plan_stage(scene, checkpoint, out_dir, cfg, False)
-        outputs = predict(scene, checkpoint, out_dir, config=cfg.model_dump())
+        with prefect_api() as ui:
+            print(f"Prefect UI: {ui}", file=sys.stderr)
+            outputs = predict(scene, checkpoint, out_dir, config=config[0] if config else None)
         print(f"outputs in {Path(out_dir).resolve()}:")
         for name, path in outputs.items():
             print(f"  {name:11s} {path}")

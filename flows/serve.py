@@ -29,12 +29,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,22 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+#: Runs a command that gets SIGTERM when the process that started it dies, however it dies (Linux:
+#: ``prctl(PR_SET_PDEATHSIG)``, kept across ``exec``): a killed geoseg leaves no server behind.
+_ENDS_WITH_PARENT = [sys.executable, "-c", (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except (OSError, AttributeError):\n    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)]
+
+
 class PrefectServer:
     """A ``prefect server start`` subprocess on 127.0.0.1 (with its UI), stopped by :meth:`stop`.
+
+    It runs in its own process group, so Ctrl-C in a terminal reaches the flow (which then still
+    reports its state) and not the server, and it ends when the process that started it dies.
 
     Args:
         port: TCP port of the API and UI.
@@ -105,7 +121,8 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(
-                [*command, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                [*_ENDS_WITH_PARENT, str(os.getpid()), *command, "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port)],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group, so stop() ends its children too
             )
@@ -148,6 +165,36 @@ class PrefectServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """The Prefect API a command-line run reports to, for as long as the block runs.
+
+    The configured one (``PREFECT_API_URL``), else a temporary local server with its UI. Yields the
+    UI's address.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_UI_URL.value() or PREFECT_API_URL.value()
+        return
+    from prefect.logging.handlers import APILogWorker
+
+    server = PrefectServer(free_port(), default_prefect_home()).start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.ui_url
+    finally:
+        APILogWorker.drain_all(timeout=10)  # logs and events still queued go out while the server is up
+        server.stop()
 
 
 def _train_flow() -> Any | None:

@@ -46,6 +46,26 @@ def write_error(path: Path, err: BaseException) -> OutputWriteError:
     return OutputWriteError(f"{path}: cannot write ({reason}); {fix}.")
 
 
+def room_for(folder: Path, nbytes: int) -> OSError | None:
+    """Whether ``folder`` can take ``nbytes`` more (at most 64 MiB are tried): None, or the error a write met.
+
+    For writers (GDAL) that report a full disk only as a broken file; the probe file is removed.
+    """
+    probe = partial_path(folder / "space-probe")
+    chunk = bytes(1024**2)
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(max(1, min(nbytes, 64 * 1024**2) // len(chunk))):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
 def ensure_folder(folder: Path) -> Path:
     """Create ``folder`` (and its parents), or raise an :class:`OutputWriteError` that names it."""
     try:

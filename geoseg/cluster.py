@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from geoseg.errors import ConfigError
 
@@ -92,7 +94,19 @@ def dask_client(
         )
     log.info("started %s with %d worker(s)", type(cluster).__name__, len(cluster.workers))
     with cluster, Client(cluster) as client:
+        client.register_plugin(IgnoreCtrlC(), name="geoseg-ignore-ctrl-c")
         yield client
+
+
+class IgnoreCtrlC(WorkerPlugin):
+    """Local workers ignore SIGINT; the client ends the run and the cluster cleanly.
+
+    Ctrl-C in a terminal reaches the whole process group: a worker would print a traceback and die.
+    """
+
+    def setup(self, worker: object) -> None:  # noqa: D102
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cluster_for(config: PredictConfig) -> AbstractContextManager[Client | None]:

@@ -248,9 +248,10 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
         return len(todo), skipped
     resources = {GPU_RESOURCE: 1} if plan.job.device == "cuda" and gpu_workers(client) else None
     groups = block_groups(todo, len(client.scheduler_info()["workers"]))
-    [job] = client.scatter([plan.job], broadcast=True)
+    # the job travels inside each task (a few hundred bytes): a broadcast scatter would name workers
+    # that may die before it lands
     futures = client.map(
-        process_blocks, [job] * len(groups), groups, resources=resources, pure=False,
+        process_blocks, [plan.job] * len(groups), groups, resources=resources, pure=False,
         key=[f"geoseg-blocks-{plan.fingerprint[:12]}-{g[0].row}-{g[0].col}" for g in groups],
     )
     size = {f.key: len(g) for f, g in zip(futures, groups, strict=True)}

@@ -25,6 +25,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
+from geoseg.atomic import write_error
 from geoseg.errors import OutputExistsError
 from geoseg.raster import SceneInfo
 from geoseg.stitch import CLASS_NODATA, BlockResult
@@ -70,9 +71,12 @@ def create_store(
     ds["class_id"].attrs.update(nodata=CLASS_NODATA, long_name="land-cover class id")
     ds["confidence"].attrs.update(long_name="blended maximum class probability")
     ds = ds.rio.write_crs(scene.crs).rio.write_transform(t)
-    if path.exists():
-        shutil.rmtree(path)
-    ds.to_zarr(path, mode="w", compute=False, consolidated=False)
+    try:
+        if path.exists():
+            shutil.rmtree(path)
+        ds.to_zarr(path, mode="w", compute=False, consolidated=False)
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def store_fingerprint(path: Path) -> str | None:
@@ -109,14 +113,21 @@ def done_blocks(path: Path) -> np.ndarray:
 
 
 def write_block(path: Path, block: Block, result: BlockResult) -> None:
-    """Write a block's core into the store, then mark the block done."""
-    group = zarr.open_group(path, mode="r+")
-    ys, xs = slice(block.core.y0, block.core.y1), slice(block.core.x0, block.core.x1)
-    group["class_id"][ys, xs] = result.class_id
-    group["confidence"][ys, xs] = result.confidence
-    if result.probabilities is not None and "probability" in group:
-        group["probability"][:, ys, xs] = result.probabilities
-    group["block_done"][block.row, block.col] = 1
+    """Write a block's core into the store, then mark the block done (a rewrite gives the same bytes).
+
+    Raises:
+        OutputWriteError: the store cannot be written (full disk, permissions); the block stays undone.
+    """
+    try:
+        group = zarr.open_group(path, mode="r+")
+        ys, xs = slice(block.core.y0, block.core.y1), slice(block.core.x0, block.core.x1)
+        group["class_id"][ys, xs] = result.class_id
+        group["confidence"][ys, xs] = result.confidence
+        if result.probabilities is not None and "probability" in group:
+            group["probability"][:, ys, xs] = result.probabilities
+        group["block_done"][block.row, block.col] = 1
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def iter_chunks(path: Path, name: str) -> Iterator[tuple[Box, np.ndarray]]:

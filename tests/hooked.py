@@ -5,7 +5,8 @@
     python tests/hooked.py --at geoseg.worker:write_block --signal KILL --nth 5 -- flow SCENE CKPT OUT [CONFIG]
 
 On the ``nth`` call of ``module:function`` the process sends itself ``signal`` (to its whole
-process group with ``--group``, as Ctrl-C in a terminal does), ``delay`` seconds after the call
+process group with ``--group``, as Ctrl-C in a terminal does; to one of its Dask worker processes
+with ``--worker``), ``delay`` seconds after the call
 starts (from a timer thread, so it lands in the middle of the real work), then the real function
 runs. The patch is made before the entry point is imported, so the stage sequence calls it.
 """
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--nth", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--group", action="store_true", help="signal the whole process group")
+    parser.add_argument("--worker", action="store_true", help="signal one Dask worker process instead")
     parser.add_argument("entry", choices=["cli", "flow"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args()
@@ -40,6 +42,14 @@ def main() -> None:
     calls = [0]
 
     def fire() -> None:
+        if opts.worker:
+            import psutil
+
+            workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+            print(f"hooked: SIG{opts.signal} to worker {workers[0].pid} at {opts.at}", file=sys.stderr, flush=True)
+            workers[0].send_signal(signum)
+            return
+        print(f"hooked: SIG{opts.signal} at {opts.at}", file=sys.stderr, flush=True)
         if opts.group:
             os.killpg(0, signum)
         else:

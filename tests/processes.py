@@ -52,9 +52,10 @@ def flow(*args: object) -> list[str]:
 
 
 def hooked(at: str, sig: str, entry: str, *args: object, nth: int = 1, delay: float = 0.0,
-           group: bool = False) -> list[str]:
+           group: bool = False, worker: bool = False) -> list[str]:
     """A command line with a signal sent on the ``nth`` call of ``at`` (see ``tests/hooked.py``)."""
-    opts = ["--at", at, "--signal", sig, "--nth", str(nth), "--delay", str(delay), *(["--group"] if group else [])]
+    opts = ["--at", at, "--signal", sig, "--nth", str(nth), "--delay", str(delay),
+            *(["--group"] if group else []), *(["--worker"] if worker else [])]
     return [sys.executable, str(HOOKED), *opts, entry, *map(str, args)]
 
 

@@ -17,7 +17,7 @@ from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_write, partial_path, write_error
+from geoseg.atomic import atomic_write, partial_path, room_for, write_error
 from geoseg.config import ClassSchema
 from geoseg.errors import OutputWriteError
 from geoseg.raster import gdal_env
@@ -72,7 +72,8 @@ def _store_to_cog(store: Path, name: str, out: Path, *, nodata: float, resamplin
     except _GDAL_ERRORS as err:
         if isinstance(err, OutputWriteError):
             raise
-        raise write_error(out, err) from err
+        # GDAL meets a full disk while it flushes blocks and reports it late, as a broken file: ask the disk
+        raise write_error(out, room_for(out.parent, var.size * var.dtype.itemsize) or err) from err
     finally:
         for leftover in (staging, *_aux(staging)):
             leftover.unlink(missing_ok=True)

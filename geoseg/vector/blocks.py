@@ -181,11 +181,10 @@ def _in_order(
 
 
 def _on_cluster(job: PolygonJob, blocks: list[Box], client: Client) -> Iterator[BlockOut]:
-    [shared] = client.scatter([job], broadcast=True, hash=False)
     token = secrets.token_hex(4)
 
-    def submit(box: Box) -> Any:
-        return client.submit(polygonise_task, shared, box, key=f"geoseg-polygons-{token}-{box.y0}-{box.x0}")
+    def submit(box: Box) -> Any:  # the job is small and travels with each task (no scatter to lost workers)
+        return client.submit(polygonise_task, job, box, key=f"geoseg-polygons-{token}-{box.y0}-{box.x0}")
 
     def collect(future: Any) -> BlockOut:
         res = future.result()
