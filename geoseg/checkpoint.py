@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoseg.atomic import atomic_write
 from geoseg.config import BACKBONES, ClassSchema, ModelConfig, validate
 from geoseg.errors import CheckpointError, ConfigError
 from geoseg.models import build_model, receptive_field, required_stride
@@ -224,16 +224,8 @@ def save_checkpoint(
         "format": FORMAT, "version": VERSION, "contract": contract.to_dict(), "state_dict": state,
         "weights_dtype": "float16" if half else "float32",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -15,6 +15,7 @@ and the same split, each into its own sub-folder, then writes:
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.atomic import write_bytes, write_text
 from geoseg.checkpoint import ModelContract, load_checkpoint
 from geoseg.config import ModelConfig, TrainConfig
 from geoseg.datasets import LabelledData
@@ -107,7 +109,7 @@ def compare(
     rows = [_row(name, model, speed[name], runs[name], data) for name, (model, _) in trained.items()]
     table_csv, table_md = _write_tables(out, rows, data.schema.names)
     figure = out / "compare.png"
-    figure.write_bytes(_figure_png(data, tiles, preds))
+    write_bytes(figure, _figure_png(data, tiles, preds))
     return CompareResult(out, table_csv, table_md, figure, rows, runs)
 
 
@@ -172,10 +174,11 @@ def _fmt(v: Any) -> str:
 def _write_tables(out: Path, rows: list[dict[str, Any]], names: Sequence[str]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "compare.csv", out / "compare.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(csv_path, table.getvalue())
     head = ["model", "mIoU (macro)", "pixel acc", *[f"IoU {n}" for n in names], "params (M)", "tiles/s",
             "train s", "best epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -184,7 +187,8 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], names: Sequence[str]) -
                  *[_fmt(r[f"iou_{n}"]) for n in names], f"{r['params_m']:.1f}", f"{r['tiles_per_s']:.1f}",
                  f"{r['train_s']:.0f}", str(r["best_epoch"])]
         lines.append("| " + " | ".join(cells) + " |")
-    md_path.write_text(
+    write_text(
+        md_path,
         "Test part, best checkpoint of each model (by val mIoU). mIoU is the macro mean over classes present "
         "in the labels or predictions; '–': class absent from both.\n\n" + "\n".join(lines) + "\n"
     )

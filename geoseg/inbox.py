@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from geoseg.atomic import write_text
 from geoseg.checkpoint import file_sha256
 from geoseg.config import PredictConfig
 from geoseg.errors import GeosegError
@@ -134,12 +135,7 @@ def read_ledger(out_root: str | Path) -> dict[str, Any]:
 
 def write_ledger(out_root: str | Path, ledger: dict[str, Any]) -> Path:
     """Write the ledger atomically (temporary name, then rename) and return its path."""
-    path = Path(out_root) / LEDGER
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{LEDGER}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(ledger, indent=2, sort_keys=True))
-    os.replace(partial, path)
-    return path
+    return write_text(Path(out_root) / LEDGER, json.dumps(ledger, indent=2, sort_keys=True))
 
 
 def ledger_entry(row: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pyproj
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -55,6 +56,12 @@ class SceneInfo:
     nodata: float | None
     band_names: tuple[str, ...]
     block_shapes: tuple[tuple[int, int], ...]
+    alpha: tuple[int, ...] = ()
+
+    @property
+    def data_bands(self) -> tuple[int, ...]:
+        """1-based indexes of the bands that hold data: all but alpha bands (which are validity masks)."""
+        return tuple(i for i in range(1, self.count + 1) if i not in self.alpha)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -136,6 +143,7 @@ def open_scene(path: str | Path) -> SceneInfo:
             nodata=src.nodata,
             band_names=tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions)),
             block_shapes=tuple(tuple(b) for b in src.block_shapes),
+            alpha=tuple(i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha),
         )
 
 
@@ -176,7 +184,7 @@ def resolve_bands(scene: SceneInfo, bands: Sequence[int | str] | None) -> tuple[
 
 
 def check_bands(scene: SceneInfo, expected: Sequence[str]) -> tuple[int, ...]:
-    """Match the scene's bands to a model's expected band names, by name, else by count.
+    """Match the scene's data bands (alpha bands aside) to a model's expected band names, by name, else by count.
 
     Returns the 1-based band indexes in the model's order.
 
@@ -184,20 +192,23 @@ def check_bands(scene: SceneInfo, expected: Sequence[str]) -> tuple[int, ...]:
         BandMismatchError: the scene lacks bands the model needs, or has a different count.
     """
     expected = list(expected)
-    if all(name in scene.band_names for name in expected):
-        return tuple(scene.band_names.index(name) + 1 for name in expected)
-    named = [n for n in scene.band_names if not n.startswith("band_")]
-    if named and scene.count == len(expected):
+    data = scene.data_bands
+    names = [scene.band_names[i - 1] for i in data]
+    if all(name in names for name in expected):
+        return tuple(data[names.index(name)] for name in expected)
+    named = [n for n in names if not n.startswith("band_")]
+    if named and len(data) == len(expected):
         raise BandMismatchError(
-            f"{scene.path}: band names {list(scene.band_names)} do not match the model's {expected}. "
-            "Reorder or rename the bands (band descriptions), or pass --bands in the model's order."
+            f"{scene.path}: band names {names} do not match the model's {expected}. "
+            "Reorder or rename the bands (band descriptions), or pass --bands (1-based indexes or names) "
+            "in the model's order."
         )
-    if scene.count != len(expected):
+    if len(data) != len(expected):
         raise BandMismatchError(
-            f"{scene.path}: has {scene.count} bands but the model expects {len(expected)} ({expected}). "
-            "Use a scene with the model's bands, or a model trained on this sensor."
+            f"{scene.path}: has {len(data)} data bands but the model expects {len(expected)} ({expected}). "
+            "Pick the model's bands with --bands (e.g. --bands 1,2,3), or use a model trained on this sensor."
         )
-    return tuple(range(1, scene.count + 1))
+    return data
 
 
 def _reflect(start: int, stop: int, n: int) -> np.ndarray:

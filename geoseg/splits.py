@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from geoseg.atomic import write_text
 from geoseg.errors import DatasetError
 from geoseg.tiling import Box
 
@@ -114,10 +115,7 @@ class Split:
 
     def save(self, path: str | Path) -> Path:
         """Write the split as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Split:

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoseg.atomic import atomic_write, write_bytes, write_text
 from geoseg.augment import Augment
 from geoseg.checkpoint import FORMAT, VERSION, ModelContract, contract_for, load_checkpoint, save_checkpoint
 from geoseg.config import TrainConfig
@@ -172,13 +172,8 @@ def _config_key(config: TrainConfig) -> dict[str, Any]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _save_last(path: Path, model: nn.Module, contract: ModelContract, state: dict[str, Any]) -> None:
@@ -382,8 +377,8 @@ def train(
         "history": history, "config": config.model_dump(mode="json"), "date": _now(),
     }
     metrics_file = out / "metrics.json"
-    metrics_file.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    (out / "curves.png").write_bytes(curves_png(history, title=f"{mc.arch}/{mc.backbone}"))
+    write_text(metrics_file, json.dumps(report, indent=1, allow_nan=False) + "\n")
+    write_bytes(out / "curves.png", curves_png(history, title=f"{mc.arch}/{mc.backbone}"))
     return TrainResult(out, best_path, last_path, split_path, metrics_file, test, val, history, losses,
                        best_epoch, len(history), stopped, seconds, str(device))
 

@@ -367,9 +367,9 @@ def test_check_scene_matches_bands_by_name_and_refuses_mismatches(rgb_uint8, utm
     assert check_scene(contract(bands=("blue", "green", "red")), scene) == (3, 2, 1)
     with pytest.raises(BandMismatchError, match="do not match the model's"):
         check_scene(contract(bands=("nir", "red", "green")), scene)
-    with pytest.raises(BandMismatchError, match="has 3 bands but the model expects 4"):
+    with pytest.raises(BandMismatchError, match="has 3 data bands but the model expects 4"):
         check_scene(contract(bands=("red", "green", "blue", "nir")), scene)
     unnamed = open_scene(utm_uint16)  # 4 unnamed bands: matched by count
     assert check_scene(contract(bands=("b", "g", "r", "nir")), unnamed) == (1, 2, 3, 4)
-    with pytest.raises(BandMismatchError, match="has 4 bands but the model expects 3"):
+    with pytest.raises(BandMismatchError, match="has 4 data bands but the model expects 3"):
         check_scene(contract(), unnamed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pyproj import Geod
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from geoseg.atomic import write_bytes
 from geoseg.errors import InvalidSceneError, SceneNotFoundError
 from geoseg.raster import open_scene
 from geoseg.tiling import Box
@@ -135,10 +135,7 @@ def read_pixels(src: Source, box: Box) -> tuple[np.ndarray, np.ndarray]:
 
 def write_pixels(src: Source, box: Box, values: np.ndarray) -> None:
     """Store the pixels of ``box`` in a ``"blocks"`` source (written whole, then renamed)."""
-    path = Path(src.path) / f"{box.y0}_{box.x0}.z"
-    tmp = path.with_suffix(".part")
-    tmp.write_bytes(zlib.compress(np.ascontiguousarray(values).tobytes(), 1))
-    os.replace(tmp, path)
+    write_bytes(Path(src.path) / f"{box.y0}_{box.x0}.z", zlib.compress(np.ascontiguousarray(values).tobytes(), 1))
 
 
 def _is_zarr(path: Path) -> bool:
