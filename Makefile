@@ -20,9 +20,10 @@ setup: $(VENV)/.installed
 
 DEMO_SCENE := data/nc-landsat-lulc/lsat7_2000_6band.tif
 DEMO_MODEL := data/models/nc_landsat_deeplabv3_mobilenetv3.pt
+DEMO_OUT ?= out/demo
 
 demo: setup
-	$(PY) flows/predict.py $(DEMO_SCENE) $(DEMO_MODEL) out/demo configs/predict/demo.yaml
+	$(PY) flows/predict.py $(DEMO_SCENE) $(DEMO_MODEL) $(DEMO_OUT) configs/predict/demo.yaml
 
 test: setup
 	bash scripts/install_chromium.sh

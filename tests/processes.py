@@ -15,18 +15,24 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKED = ROOT / "tests" / "hooked.py"
+#: Words in the command lines of Dask worker and pool processes (spawned) and of a Prefect server.
+SERVICES = ("spawn_main", "prefect", "uvicorn")
 
 
 @dataclass
 class Finished:
-    """A finished command: exit status, output, every process it started, seconds it took."""
+    """A finished command: exit status, output, every process it started (pid: command line), seconds it took."""
 
     returncode: int
     stdout: str
     stderr: str
-    descendants: set[int] = field(default_factory=set)
+    descendants: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
+
+    def started(self, *words: str) -> list[str]:
+        """Command lines of the processes it started that contain any of ``words`` (default :data:`SERVICES`)."""
+        return [c for c in self.descendants.values() if any(w in c for w in words or SERVICES)]
 
     def left_running(self) -> list[psutil.Process]:
         """The processes it started that are still alive (zombies do not count)."""
@@ -76,7 +82,7 @@ def run(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
     )
-    seen: set[int] = set()
+    seen: dict[int, str] = {}
     lines: list[str] = []
     marks: dict[str, float] = {}
 
@@ -96,7 +102,9 @@ def run(
         parent = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                seen.update(c.pid for c in parent.children(recursive=True))
+                for child in parent.children(recursive=True):
+                    if child.pid not in seen:
+                        seen[child.pid] = " ".join(child.cmdline())
             except psutil.NoSuchProcess:
                 pass
             if time.monotonic() - started > timeout:

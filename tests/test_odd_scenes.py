@@ -129,5 +129,5 @@ def test_broken_scene_is_one_clear_line(kind, tiny_checkpoint, tmp_path):
     assert finished.returncode == 2
     line = finished.stderr.strip()
     assert len(line.splitlines()) == 1 and line.startswith(f"error: {path}: ") and expected in line, line
-    assert not finished.descendants, "refused before any worker started"
+    assert not finished.started(), "refused before any worker started"
     assert not (tmp_path / "out").exists()
