@@ -8,12 +8,13 @@ export DASK_TEMPORARY_DIRECTORY ?= $(TMP)/dask
 export MPLCONFIGDIR ?= $(TMP)/matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test serve lint clean
+.PHONY: setup demo test serve lint clean lock
 
-$(VENV)/.installed: pyproject.toml
+# Installs exactly the versions in constraints.txt (the environment the tests pass with).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -39,3 +40,13 @@ lint: setup
 
 clean:
 	rm -rf $(TMP) out .pytest_cache
+
+# Refresh constraints.txt: resolve pyproject.toml's ranges anew in a fresh venv and freeze what it got.
+lock:
+	rm -rf $(TMP)/lock-venv
+	$(PYTHON) -m venv $(TMP)/lock-venv
+	$(TMP)/lock-venv/bin/python -m pip install -q --upgrade pip
+	$(TMP)/lock-venv/bin/python -m pip install -q -e '.[dev]'
+	{ echo "# The whole environment geoseg is tested with (pip constraints). Refresh: make lock"; \
+	  $(TMP)/lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^geoseg'; } > constraints.txt
+	rm -rf $(TMP)/lock-venv

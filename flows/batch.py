@@ -43,6 +43,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from geoseg.cluster import dask_client
+from geoseg.command import run_command, setup_logging
 from geoseg.config import PredictConfig, settings_with_overrides
 from geoseg.errors import CheckpointError, ConfigError, GeosegError
 from geoseg.inbox import (
@@ -61,9 +62,11 @@ from geoseg.inbox import (
 
 try:
     from flows.predict import predict
+    from flows.serve import prefect_api
 except ModuleNotFoundError:  # loaded by path (python flows/batch.py, a Prefect entrypoint)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from flows.predict import predict
+    from flows.serve import prefect_api
 
 
 class BatchFailedError(GeosegError, RuntimeError):
@@ -200,15 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1, help="scenes at the same time (default 1)")
     parser.add_argument("--scheduler", help="address of an existing Dask scheduler")
     parser.add_argument("--reprocess", action="store_true", help="process every scene again")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every library's log lines")
     args = parser.parse_args(argv)
-    try:
-        result = batch(args.inbox, args.checkpoint, args.out_root, config=args.config,
-                       concurrency=args.concurrency, scheduler=args.scheduler, reprocess=args.reprocess)
-    except GeosegError as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: v for k, v in result.items() if k != "scenes"}))
-    return 0
+    setup_logging(verbose=args.verbose)
+
+    def body() -> None:
+        with prefect_api() as ui:
+            print(f"Prefect UI: {ui}", file=sys.stderr)
+            result = batch(args.inbox, args.checkpoint, args.out_root, config=args.config,
+                           concurrency=args.concurrency, scheduler=args.scheduler, reprocess=args.reprocess)
+        print(json.dumps({k: v for k, v in result.items() if k != "scenes"}))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

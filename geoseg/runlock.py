@@ -92,8 +92,11 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
         if stale:
             log.info("taking over the lock of a run that is gone (%s)", stale.decode(errors="replace").strip())
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as err:
+            raise write_error(path, err) from None
         remove_partials(folder)
         yield path
     finally:
