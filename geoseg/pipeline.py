@@ -17,6 +17,7 @@ Output folder::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import numpy as np
 from distributed import Client, as_completed
 
 import geoseg
-from geoseg.atomic import write_error, write_text
+from geoseg.atomic import ensure_folder, write_error, write_text
 from geoseg.checkpoint import ModelContract, check_scene, file_sha256, load_checkpoint
 from geoseg.cluster import GPU_RESOURCE, cluster_for, gpu_workers
 from geoseg.config import PredictConfig
@@ -186,7 +187,7 @@ def check_outputs(plan: RunPlan) -> None:
     if not existing.is_dir():
         raise OutputExistsError(f"{existing}: is a file, not a folder. Pick another output folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise write_error(existing, PermissionError(13, "Permission denied"))
+        raise write_error(existing, PermissionError(errno.EACCES, "Permission denied"))
     check_unlocked(folder)
     if not plan.overwrite and store_fingerprint(plan.store) != plan.fingerprint:
         for p in (plan.store, plan.class_map, plan.confidence_map, plan.polygons, plan.summary):
@@ -200,10 +201,7 @@ def prepare_outputs(plan: RunPlan) -> bool:
 
     Call it holding the folder's lock (:func:`geoseg.runlock.run_lock`).
     """
-    try:
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(plan.out_dir, err) from None
+    ensure_folder(plan.out_dir)
     return prepare_store(
         plan.store, plan.fingerprint, overwrite=plan.overwrite, scene=plan.scene, block_size=plan.block_size,
         layout=block_layout(plan.grid, plan.block_size), class_ids=plan.contract.classes.ids,

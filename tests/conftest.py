@@ -145,6 +145,18 @@ def scene_x2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def undisturbed(scene_x2, tiny_checkpoint, tmp_path_factory) -> Path:
+    """Outputs of an undisturbed `geoseg predict` of ``scene_x2`` (block size 256, one worker, polygons on)."""
+    from processes import cli, run
+
+    out = tmp_path_factory.mktemp("undisturbed")
+    finished = run(cli("predict", scene_x2, "-c", tiny_checkpoint, "-o", out, "--block-size", "256", "--workers", 1),
+                   timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def harness():
     """One temporary Prefect server (prefect_test_harness) shared by the flow tests."""
     from prefect.testing.utilities import prefect_test_harness

@@ -119,3 +119,19 @@ def run(
     out_reader.join(10)
     seconds = time.monotonic() - started
     return Finished(proc.returncode, "".join(out_chunks), "".join(lines), seen, seconds, marks)
+
+
+def polygons(path: Path) -> list[tuple]:
+    """Polygons as a sorted list of (class, name, area, normalised WKB), to compare files exactly."""
+    import geopandas as gpd
+
+    df = gpd.read_file(path)
+    return sorted((int(r.class_id), r.class_name, round(r.area_m2, 3), r.geometry.normalize().wkb)
+                  for r in df.itertuples())
+
+
+def same_outputs(out: Path, reference: Path, stem: str = "nc_x2") -> None:
+    """The class map and confidence COGs have the same bytes, the polygons the same content."""
+    for name in (f"{stem}_classes.tif", f"{stem}_confidence.tif"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert polygons(out / f"{stem}_polygons.gpkg") == polygons(reference / f"{stem}_polygons.gpkg")

@@ -11,8 +11,7 @@ import time
 
 import pytest
 import rasterio
-from processes import cli, hooked, run
-from test_main_job import polygons
+from processes import cli, hooked, run, same_outputs
 
 from geoseg.runlock import LOCK_NAME
 
@@ -21,66 +20,53 @@ TWO = ("--block-size", "256", "--workers", "2")
 FINAL = ("nc_x2_classes.tif", "nc_x2_confidence.tif", "nc_x2_polygons.gpkg", "summary.json")
 
 
-@pytest.fixture(scope="module")
-def reference(scene_x2, tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("undisturbed")
-    assert run(cli("predict", scene_x2, "-c", tiny_checkpoint, "-o", out, *ONE), timeout=300).returncode == 0
-    return out
-
-
-def same_outputs(out, reference):
-    for name in FINAL[:2]:
-        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    assert polygons(out / FINAL[2]) == polygons(reference / FINAL[2])
-
-
 def summary(out):
     return json.loads((out / "summary.json").read_text())
 
 
-def resume(out, scene, checkpoint, reference, *args):
+def resume(out, scene, checkpoint, undisturbed, *args):
     rerun = run(cli("predict", scene, "-c", checkpoint, "-o", out, *(args or ONE)), timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    same_outputs(out, reference)
+    same_outputs(out, undisturbed)
     assert not [p.name for p in out.iterdir() if ".partial" in p.name], "the rerun clears what the killed run left"
     return summary(out)
 
 
 @pytest.mark.slow
-def test_killed_dask_worker_mid_blocks(scene_x2, tiny_checkpoint, reference, tmp_path):
+def test_killed_dask_worker_mid_blocks(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
     finished = run(hooked("geoseg.pipeline:run_blocks", "KILL", "cli", "predict", scene_x2, "-c", tiny_checkpoint,
                           "-o", tmp_path, *TWO, delay=1.0, worker=True), timeout=300)
     assert finished.returncode == 0, finished.stderr
     killed = next(t for line, t in finished.marks.items() if line.startswith("hooked: SIGKILL to worker"))
     assert killed < next(t for line, t in finished.marks.items() if line.startswith("blocks: done"))
     assert summary(tmp_path)["blocks_computed"] == summary(tmp_path)["grid"]["blocks"]
-    same_outputs(tmp_path, reference)
+    same_outputs(tmp_path, undisturbed)
     assert not finished.left_running()
 
 
 @pytest.mark.slow
-def test_killed_run_mid_blocks_resumes(scene_x2, tiny_checkpoint, reference, tmp_path):
+def test_killed_run_mid_blocks_resumes(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
     finished = run(hooked("geoseg.worker:write_block", "KILL", "cli", "predict", scene_x2, "-c", tiny_checkpoint,
                           "-o", tmp_path, *ONE, nth=6), timeout=300)
     assert finished.returncode == -signal.SIGKILL
     assert not any((tmp_path / name).exists() for name in FINAL)
-    done = resume(tmp_path, scene_x2, tiny_checkpoint, reference)
+    done = resume(tmp_path, scene_x2, tiny_checkpoint, undisturbed)
     assert done["blocks_skipped"] == 5 and done["blocks_computed"] == done["grid"]["blocks"] - 5
 
 
 @pytest.mark.slow
-def test_killed_run_mid_polygons_resumes(scene_x2, tiny_checkpoint, reference, tmp_path):
+def test_killed_run_mid_polygons_resumes(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
     finished = run(hooked("geoseg.vector.blocks:polygonise_block", "KILL", "cli", "predict", scene_x2,
                           "-c", tiny_checkpoint, "-o", tmp_path, *ONE, nth=4), timeout=300)
     assert finished.returncode == -signal.SIGKILL
     assert not (tmp_path / FINAL[2]).exists() and not (tmp_path / "summary.json").exists()
     assert [p for p in tmp_path.iterdir() if ".partial" in p.name], "it was killed while writing the polygons"
-    done = resume(tmp_path, scene_x2, tiny_checkpoint, reference)
+    done = resume(tmp_path, scene_x2, tiny_checkpoint, undisturbed)
     assert done["blocks_skipped"] == done["grid"]["blocks"]
 
 
 @pytest.mark.slow
-def test_second_run_into_the_same_folder_is_refused(scene_x2, tiny_checkpoint, reference, tmp_path):
+def test_second_run_into_the_same_folder_is_refused(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
     first = subprocess.Popen(cli("predict", scene_x2, "-c", tiny_checkpoint, "-o", tmp_path, *ONE),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -95,15 +81,15 @@ def test_second_run_into_the_same_folder_is_refused(scene_x2, tiny_checkpoint, r
     assert second.returncode == 2
     assert f"pid {first.pid} on " in second.stderr and "Traceback" not in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    same_outputs(tmp_path, reference)
+    same_outputs(tmp_path, undisturbed)
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_stale_lock_of_a_dead_run_is_taken_over(scene_x2, tiny_checkpoint, reference, tmp_path):
+def test_stale_lock_of_a_dead_run_is_taken_over(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 1, "host": os.uname().nodename, "started": 0}))
     finished = run(cli("predict", scene_x2, "-c", tiny_checkpoint, "-o", tmp_path, *ONE), timeout=300)
     assert finished.returncode == 0, finished.stderr
-    same_outputs(tmp_path, reference)
+    same_outputs(tmp_path, undisturbed)
     assert not (tmp_path / LOCK_NAME).exists()
 
 
@@ -142,7 +128,7 @@ def file_size_limit(limit: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("limit", "fails_on"), [(48 * 1024, "prediction.zarr"), (400 * 1024, "_confidence.tif")])
-def test_full_disk_is_one_clear_line_and_the_rerun_resumes(limit, fails_on, scene_x2, tiny_checkpoint, reference,
+def test_full_disk_is_one_clear_line_and_the_rerun_resumes(limit, fails_on, scene_x2, tiny_checkpoint, undisturbed,
                                                            tmp_path):
     finished = run(cli("predict", scene_x2, "-c", tiny_checkpoint, "-o", tmp_path, *ONE), timeout=300,
                    preexec_fn=file_size_limit(limit))
@@ -154,4 +140,4 @@ def test_full_disk_is_one_clear_line_and_the_rerun_resumes(limit, fails_on, scen
         if (tmp_path / name).exists():  # whatever exists under a final name is complete
             with rasterio.open(tmp_path / name) as done:
                 assert done.read(1).shape == done.shape
-    resume(tmp_path, scene_x2, tiny_checkpoint, reference)
+    resume(tmp_path, scene_x2, tiny_checkpoint, undisturbed)

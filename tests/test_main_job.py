@@ -6,24 +6,15 @@ once hung forever here: it forked a process that held torch and Dask threads).
 
 import json
 
-import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-from processes import cli, flow, run
+from processes import cli, flow, polygons, run
 
 from geoseg.config import load_config
 from geoseg.vector import vectorize
 
 CLASSES = "configs/classes/nc_landcover.yaml"
-
-
-def polygons(path):
-    """Polygons as a sorted list of (class, area, normalised WKB), to compare files exactly."""
-    df = gpd.read_file(path)
-    rows = [(int(r.class_id), r.class_name, round(r.area_m2, 3), r.geometry.normalize().wkb)
-            for r in df.itertuples()]
-    return sorted(rows)
 
 
 def check_run(out, scene, finished, *, stem="nc_x2"):
