@@ -107,6 +107,39 @@ def predict(
 
 
 @app.command()
+def evaluate(
+    scene: Path = typer.Argument(..., help="scene GeoTIFF"),
+    labels: Path = typer.Argument(..., help="label raster (class ids) or vector labels (.gpkg, .shp, .geojson)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="geoseg checkpoint (.pt)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="folder for the prediction, scores and PNGs"),
+    config: Path | None = typer.Option(None, "--config", help="predict settings YAML (configs/predict/)"),
+    scales: str | None = typer.Option(None, "--scales", help="multi-scale factors, e.g. 0.75,1,1.25"),
+    flip: bool | None = typer.Option(None, "--flip/--no-flip", help="average with left-right flipped tiles"),
+    bands: str | None = typer.Option(None, "--bands", help="scene bands in the model's order, e.g. 1,2,3,4,5,6"),
+    label_field: str = typer.Option("id", "--label-field", help="class field of vector labels"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier evaluation in --out"),
+) -> None:
+    """Score a model on a scene against labels: confusion matrix, IoU and F1 per class, mIoU, accuracy."""
+    from geoseg.config import PredictConfig, settings_with_overrides
+    from geoseg.evaluate import evaluate as run
+
+    cfg = settings_with_overrides(PredictConfig, config, scales=_parse_scales(scales), flip=flip,
+                                  bands=_parse_bands(bands), workers=1)
+    result = run(scene, labels, checkpoint, out_dir=out, config=cfg, label_field=label_field, overwrite=overwrite)
+    m = result.metrics
+    typer.echo(f"macro mIoU {_fmt(m['miou_macro'])}, pixel accuracy {_fmt(m['pixel_accuracy'])} "
+               f"over {m['labelled_pixels']} labelled pixels ({m['labelled_without_data']} without scene data)")
+    for name in m["classes"]:
+        typer.echo(f"  {name:14s} IoU {_fmt(m['iou_by_class'][name])}  F1 {_fmt(m['f1_by_class'][name])}")
+    for name, path in result.files.items():
+        typer.echo(f"  {name:11s} {path}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command()
 def vectorize(
     class_map: Path = typer.Argument(..., help="class raster: a GeoTIFF/COG or the prediction.zarr store"),
     out: Path = typer.Option(..., "--out", "-o", help="polygons file: .gpkg, .shp or .parquet"),

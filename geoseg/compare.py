@@ -210,7 +210,8 @@ def rgb_composite(data: np.ndarray, valid: np.ndarray, band_names: Sequence[str]
     return rgb
 
 
-def _colourise(idx: np.ndarray, colours: np.ndarray) -> np.ndarray:
+def colourise(idx: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float RGB of channel indices ``idx`` in ``colours`` (rows in [0, 1]); white elsewhere."""
     out = np.ones((*idx.shape, 3))
     known = idx < len(colours)
     out[known] = colours[idx[known]]
@@ -234,11 +235,11 @@ def _figure_png(data: LabelledData, tiles: Sequence[tuple[int, Box]], preds: dic
         inside = box.intersection(Box(0, 0, *data.images[i].shape))
         if inside is not None:
             lab[inside.relative_to(box)] = data.images[i].labels[inside.y0:inside.y1, inside.x0:inside.x1]
-        panels = [("image", rgb_composite(x, valid, data.band_names)), ("label", _colourise(lab, colours))]
+        panels = [("image", rgb_composite(x, valid, data.band_names)), ("label", colourise(lab, colours))]
         for name, p in preds.items():
             pred = p[r].copy()
             pred[~valid] = 255
-            panels.append((name, _colourise(pred, colours)))
+            panels.append((name, colourise(pred, colours)))
         for c, (title, img) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img, interpolation="nearest")

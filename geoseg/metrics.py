@@ -7,6 +7,7 @@ Names say what is averaged:
 - ``miou_macro``: the unweighted mean of ``iou`` over the classes present in the labels or the
   predictions (torchmetrics ``MulticlassJaccardIndex(average="macro")``), not a micro (pixel-pooled)
   IoU.
+- ``f1``: per-class F1 score ``2 TP / (2 TP + FP + FN)``; ``None`` like ``iou``.
 - ``pixel_accuracy``: correct / labelled pixels, pooled over all classes
   (``MulticlassAccuracy(average="micro")``).
 - ``confusion_matrix``: ``[true class][predicted class]`` pixel counts.
@@ -58,16 +59,20 @@ class SegmentationMetrics:
         union = cm.sum(0) + cm.sum(1) - np.diag(cm)
         labelled = int(cm.sum())
         iou = [float(v) if u > 0 else None for v, u in zip(out["iou"].cpu().tolist(), union, strict=True)]
+        tp = np.diag(cm)
+        f1 = [float(2 * t / (t + u)) if u > 0 else None for t, u in zip(tp, union, strict=True)]  # 2TP/(2TP+FP+FN)
         res: dict[str, Any] = {
             "miou_macro": float(out["miou_macro"]) if labelled else None,
             "pixel_accuracy": float(out["pixel_accuracy"]) if labelled else None,
             "iou": iou,
+            "f1": f1,
             "confusion_matrix": cm.tolist(),
             "labelled_pixels": labelled,
             "classes_in_labels": [int(k) for k in np.flatnonzero(cm.sum(1))],
         }
         if names is not None:
             res["iou_by_class"] = dict(zip(names, iou, strict=True))
+            res["f1_by_class"] = dict(zip(names, f1, strict=True))
         return res
 
     def reset(self) -> None:
