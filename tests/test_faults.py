@@ -55,6 +55,18 @@ def test_killed_run_mid_blocks_resumes(scene_x2, tiny_checkpoint, undisturbed, t
 
 
 @pytest.mark.slow
+def test_killed_run_takes_its_dask_workers_with_it(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
+    finished = run(hooked("geoseg.pipeline:run_blocks", "KILL", "cli", "predict", scene_x2, "-c", tiny_checkpoint,
+                          "-o", tmp_path, *TWO, delay=1.0), timeout=300)
+    assert finished.returncode == -signal.SIGKILL and len(finished.started("spawn_main")) >= 2
+    deadline = time.monotonic() + 15
+    while finished.left_running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not finished.left_running(), "Dask's workers notice their parent is gone and exit"
+    resume(tmp_path, scene_x2, tiny_checkpoint, undisturbed, *TWO)
+
+
+@pytest.mark.slow
 def test_killed_run_mid_polygons_resumes(scene_x2, tiny_checkpoint, undisturbed, tmp_path):
     finished = run(hooked("geoseg.vector.blocks:polygonise_block", "KILL", "cli", "predict", scene_x2,
                           "-c", tiny_checkpoint, "-o", tmp_path, *ONE, nth=4), timeout=300)
