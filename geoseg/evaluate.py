@@ -28,6 +28,7 @@ import torch
 from geoseg.atomic import write_bytes, write_text
 from geoseg.checkpoint import load_checkpoint
 from geoseg.config import ClassSchema, PredictConfig
+from geoseg.errors import DatasetError
 from geoseg.labels import align_label_raster, encode_labels, rasterize_labels
 from geoseg.metrics import SegmentationMetrics
 from geoseg.pipeline import predict_raster
@@ -86,6 +87,11 @@ def evaluate(
     _, contract = load_checkpoint(checkpoint)
     schema = contract.classes
     target = read_labels(labels, scene, schema, label_field=label_field)
+    if not (target != schema.ignore_index).any():
+        raise DatasetError(
+            f"{labels}: no labelled pixel of the classes {list(schema.names)} falls on {scene}. "
+            "Pass labels that cover the scene, with the checkpoint's class ids."
+        )
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="geoseg-evaluate-") as tmp:
             return _evaluate(scene, labels, checkpoint, Path(tmp), config, schema, target, overwrite, keep=False)

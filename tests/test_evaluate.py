@@ -65,3 +65,10 @@ def test_cli_prints_scores_and_files(tiny_checkpoint, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.startswith("macro mIoU ") and "forest" in finished.stdout
     assert str(tmp_path / "evaluation.json") in finished.stdout
+
+
+def test_labels_off_the_scene_are_one_clear_line_before_any_work(tiny_checkpoint, tmp_path):
+    zion = ROOT / "data" / "zion-landsat8-nlcd" / "nlcd_train.tif"  # Utah, the scene is North Carolina
+    finished = run(cli("evaluate", NC_SCENE, zion, "-c", tiny_checkpoint, "-o", tmp_path / "e"), timeout=120)
+    assert finished.returncode == 2 and "no labelled pixel" in finished.stderr
+    assert len(finished.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
