@@ -76,7 +76,7 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     they are set there.
     """
     handler = logging.StreamHandler()
-    handler.setFormatter(_Plain(verbose))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _Plain())
     if not verbose:  # other libraries' INFO lines (Prefect's task states, Dask's cluster) only with -v
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.partition(".")[0] == "geoseg")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
@@ -88,14 +88,8 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
 
 
 class _Plain(logging.Formatter):
-    """``message`` for INFO, ``WARNING: message`` above it; logger names only when verbose."""
-
-    def __init__(self, verbose: bool) -> None:
-        super().__init__("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
-        self.verbose = verbose
+    """``message`` for INFO, ``WARNING: message`` above it: no logger names, no tracebacks."""
 
     def format(self, record: logging.LogRecord) -> str:
-        if self.verbose:
-            return super().format(record)
         text = record.getMessage()
         return text if record.levelno <= logging.INFO else f"{record.levelname}: {text}"

@@ -32,8 +32,7 @@ from geoseg.errors import DatasetError
 from geoseg.labels import align_label_raster, encode_labels, rasterize_labels
 from geoseg.metrics import SegmentationMetrics
 from geoseg.pipeline import predict_raster
-from geoseg.raster import gdal_env, read_window
-from geoseg.tiling import Box
+from geoseg.raster import gdal_env
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +156,12 @@ def comparison_png(scene: str | Path, class_map: str | Path, pred: np.ndarray, t
     from geoseg.compare import colourise, rgb_composite
 
     step = max(1, int(np.ceil(max(pred.shape) / max_side)))
-    with gdal_env(), rasterio.open(scene) as src:
-        data, valid = read_window(src, Box(0, 0, src.height, src.width))
-        names = tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions))
     sl = (slice(None, None, step), slice(None, None, step))
+    shape = pred[sl].shape
+    with gdal_env(), rasterio.open(scene) as src:  # read decimated: memory follows the picture, not the scene
+        data = src.read(out_shape=(src.count, *shape), out_dtype="float32")
+        valid = np.all(src.read_masks(out_shape=(src.count, *shape)) > 0, axis=0) & np.isfinite(data).all(axis=0)
+        names = tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions))
     colours = np.array([c.rgb for c in schema.classes], np.float64) / 255
     ignore = schema.ignore_index
     errors = np.ones((*pred[sl].shape, 3))
@@ -168,7 +169,7 @@ def comparison_png(scene: str | Path, class_map: str | Path, pred: np.ndarray, t
     scored = t != ignore
     errors[scored & (p == t)] = (0.2, 0.7, 0.2)
     errors[scored & (p != t)] = (0.85, 0.1, 0.1)
-    panels = [("image", rgb_composite(data[(slice(None), *sl)], valid[sl], names)),
+    panels = [("image", rgb_composite(np.nan_to_num(data), valid, names)),
               (f"map ({Path(class_map).name})", colourise(p, colours)), ("labels", colourise(t, colours)),
               ("errors", errors)]
     fig = Figure(figsize=(12, 3.8), dpi=100)

@@ -225,9 +225,10 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
     Returns:
         ``(computed, skipped)`` block counts.
     """
-    if prepare_outputs(plan):
-        log.info("resuming: %d of %d blocks already done", int(done_blocks(plan.store).sum()), len(plan.blocks))
+    resuming = prepare_outputs(plan)
     done = done_blocks(plan.store)
+    if resuming:
+        log.info("resuming: %d of %d blocks already done", int(done.sum()), len(plan.blocks))
     todo = [b for b in plan.blocks if not done[b.row, b.col]]
     skipped = len(plan.blocks) - len(todo)
     total = len(plan.blocks)
