@@ -103,8 +103,10 @@ def run(
         while proc.poll() is None:
             try:
                 for child in parent.children(recursive=True):
-                    if child.pid not in seen:
+                    try:  # read again each time: between fork and exec a child still shows its parent's
                         seen[child.pid] = " ".join(child.cmdline())
+                    except psutil.NoSuchProcess:
+                        seen.setdefault(child.pid, "")
             except psutil.NoSuchProcess:
                 pass
             if time.monotonic() - started > timeout:
