@@ -103,10 +103,14 @@ def run(
         while proc.poll() is None:
             try:
                 for child in parent.children(recursive=True):
-                    try:  # read again each time: between fork and exec a child still shows its parent's
-                        seen[child.pid] = " ".join(child.cmdline())
+                    # Read again each time (between fork and exec a child still shows its parent's),
+                    # but keep the last one seen: an exiting child's command line reads empty.
+                    try:
+                        line = " ".join(child.cmdline())
                     except psutil.NoSuchProcess:
-                        seen.setdefault(child.pid, "")
+                        line = ""
+                    if line or child.pid not in seen:
+                        seen[child.pid] = line
             except psutil.NoSuchProcess:
                 pass
             if time.monotonic() - started > timeout:
