@@ -19,9 +19,9 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 
 from geoseg.config import TrainConfig, load_config
-from geoseg.datasets import LabelledData
-from geoseg.metrics import SegmentationMetrics
 from geoseg.train import load_training_data, make_data_split
+from geoseg.train.datasets import LabelledData
+from geoseg.train.metrics import SegmentationMetrics
 
 
 def pixels(data: LabelledData, boxes: list) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from geoseg.config import TrainConfig, settings_with_overrides
-from geoseg.metrics import curves_png, png_data_uri
 from geoseg.train import train as train_model
+from geoseg.train.metrics import curves_png, png_data_uri
 
 
 def _publish(name: str, history: list[dict[str, Any]]) -> None:

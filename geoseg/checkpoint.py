@@ -18,7 +18,7 @@ import json
 import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,13 +30,15 @@ from geoseg.atomic import atomic_write
 from geoseg.config import BACKBONES, ClassSchema, ModelConfig, validate
 from geoseg.errors import CheckpointError, ConfigError
 from geoseg.models import build_model, receptive_field, required_stride
-from geoseg.raster import SceneInfo, check_bands
+from geoseg.raster import SceneInfo, band_stats, check_bands
 
 #: A numpy array or a torch tensor (``ModelContract.normalise`` returns the kind it is given).
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 FORMAT = "geoseg-checkpoint"
 VERSION = 1
+#: How a contract normalises scenes (see :attr:`ModelContract.normalisation`).
+NORMALISATIONS = ("fixed", "scene")
 _REQUIRED = ("arch", "backbone", "output_stride", "tile_size", "band_names", "mean", "std", "classes")
 
 
@@ -56,6 +58,9 @@ class ModelContract:
         scale: factor from stored pixel values to the units of ``mean``/``std`` (e.g. 1/255 for uint8).
         receptive_field: receptive field in pixels, ``None`` when larger than any tile; ``"auto"``
             (the default) takes :func:`geoseg.models.receptive_field` of ``arch``.
+        normalisation: ``fixed``: every scene is normalised with ``mean``/``std`` (the train part's);
+            ``scene``: each scene with its own band statistics, sampled when it is predicted
+            (:meth:`for_scene`; ``mean``/``std`` then record the train part's, for reference).
         provenance: JSON-able facts about training: data, epochs, metrics, date, ...
     """
 
@@ -69,6 +74,7 @@ class ModelContract:
     classes: ClassSchema
     scale: float = 1.0
     receptive_field: int | None | str = "auto"
+    normalisation: str = "fixed"
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +104,8 @@ class ModelContract:
             raise ConfigError(f"std must be finite and > 0, mean finite; got {self.mean}, {self.std}")
         if not (np.isfinite(self.scale) and self.scale > 0):
             raise ConfigError(f"scale must be finite and > 0, got {self.scale}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ConfigError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if self.tile_size < 1:
             raise ConfigError(f"tile_size must be positive, got {self.tile_size}")
         if not isinstance(self.classes, ClassSchema):
@@ -112,6 +120,17 @@ class ModelContract:
             raise ConfigError(
                 f"provenance must hold only JSON values (str, number, bool, None, list, dict): {err}"
             ) from None
+
+    def for_scene(self, scene: SceneInfo, bands: Sequence[int]) -> ModelContract:
+        """The contract to normalise ``scene`` (its ``bands``, in model order) with.
+
+        ``fixed``: this contract.  ``scene``: a copy whose ``mean``/``std`` are the scene's own band
+        statistics, from a seeded sample of windows (:func:`geoseg.raster.band_stats`).
+        """
+        if self.normalisation == "fixed":
+            return self
+        mean, std = band_stats(scene, bands=bands)
+        return replace(self, mean=tuple(mean * self.scale), std=tuple(std * self.scale))
 
     @property
     def in_channels(self) -> int:
@@ -163,7 +182,8 @@ class ModelContract:
             "arch": self.arch, "backbone": self.backbone, "output_stride": self.output_stride,
             "tile_size": self.tile_size, "band_names": list(self.band_names), "mean": list(self.mean),
             "std": list(self.std), "scale": self.scale, "classes": self.classes.model_dump(mode="json"),
-            "receptive_field": self.receptive_field, "provenance": self.provenance,
+            "receptive_field": self.receptive_field, "normalisation": self.normalisation,
+            "provenance": self.provenance,
         }
         return json.loads(json.dumps(d))
 
@@ -330,11 +350,12 @@ def contract_for(
     std: Sequence[float],
     classes: ClassSchema,
     scale: float = 1.0,
+    normalisation: str = "fixed",
     provenance: Mapping[str, Any] | None = None,
 ) -> ModelContract:
     """Make a contract from a :class:`geoseg.config.ModelConfig` plus the data facts."""
     return ModelContract(
         arch=config.arch, backbone=config.backbone, output_stride=config.output_stride,
         tile_size=config.tile_size, band_names=tuple(band_names), mean=tuple(mean), std=tuple(std),
-        classes=classes, scale=scale, provenance=dict(provenance or {}),
+        classes=classes, scale=scale, normalisation=normalisation, provenance=dict(provenance or {}),
     )

@@ -121,7 +121,7 @@ def evaluate(
 ) -> None:
     """Score a model on a scene against labels: confusion matrix, IoU and F1 per class, mIoU, accuracy."""
     from geoseg.config import PredictConfig, settings_with_overrides
-    from geoseg.evaluate import evaluate as run
+    from geoseg.train.evaluate import evaluate as run
 
     cfg = settings_with_overrides(PredictConfig, config, scales=_parse_scales(scales), flip=flip,
                                   bands=_parse_bands(bands), workers=1)
@@ -197,8 +197,8 @@ def compare(
     out: Path | None = typer.Option(None, "--out", "-o", help="output folder"),
 ) -> None:
     """Train DeepLabV3, FCN and U-Net on one split; write a table and a side-by-side PNG."""
-    from geoseg.compare import compare as run
     from geoseg.config import TrainConfig, load_config
+    from geoseg.train.compare import compare as run
 
     result = run(load_config(config, TrainConfig), out_dir=out,
                  progress=lambda name, row: typer.echo(f"{name}: epoch {row.get('epoch')}", err=True))

@@ -150,14 +150,35 @@ class PredictConfig(_Settings):
         return v
 
 
+class SceneLabels(_Settings):
+    """One labelled scene of a training set (``DataConfig.kind: scenes``)."""
+
+    image: str = Field(description="the scene GeoTIFF")
+    labels: str = Field(description="label raster (.tif, .vrt, ...) or vector file (GeoPackage, Shapefile, GeoJSON)")
+    bands: tuple[int | str, ...] | None = Field(None, description="scene bands in the model's order (1-based or names)")
+    label_field: str = Field("id", description="attribute holding the class id (vector labels)")
+
+
 class DataConfig(_Settings):
     """Where the labelled training data lives and how it is laid out."""
 
-    kind: Literal["tiles", "scene_raster", "scene_vector"]
-    images: str = Field(description="folder of image tiles (tiles) or the scene GeoTIFF")
-    labels: str = Field(description="folder of mask tiles, label raster, or vector file")
+    kind: Literal["tiles", "scene_raster", "scene_vector", "scenes"]
+    images: str | None = Field(None, description="folder of image tiles (tiles) or the scene GeoTIFF")
+    labels: str | None = Field(None, description="folder of mask tiles, label raster, or vector file")
     label_field: str = Field("id", description="attribute holding the class id (scene_vector)")
+    scenes: tuple[SceneLabels, ...] = Field((), description="the labelled scenes (kind: scenes)")
     classes: str = Field(description="path of a class schema YAML under configs/classes/")
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> DataConfig:
+        if self.kind == "scenes":
+            if not self.scenes or self.images or self.labels:
+                raise ValueError("kind 'scenes' lists its (image, labels, bands) under 'scenes:' and has no "
+                                 "'images'/'labels' of its own")
+        elif self.scenes or not (self.images and self.labels):
+            raise ValueError(f"kind {self.kind!r} needs 'images' and 'labels' (and no 'scenes'; use kind "
+                             "'scenes' for several scenes)")
+        return self
 
 
 class TrainConfig(_Settings):
@@ -175,6 +196,11 @@ class TrainConfig(_Settings):
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
     amp: bool = True
     class_weights: bool = False
+    class_balance: float = Field(0.0, ge=0, le=1, description="share of tiles drawn around a uniformly chosen class")
+    loss: Literal["ce", "ce_dice"] = "ce"
+    normalisation: Literal["fixed", "scene"] = Field(
+        "fixed", description="fixed: the train part's band statistics; scene: each scene's own sampled ones")
+    band_jitter: float = Field(0.0, ge=0, lt=1, description="per-band gain and offset jitter (normalised units)")
     early_stopping: int | None = Field(10, ge=1, description="epochs without val mIoU gain before stopping")
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_block: int = Field(64, ge=8, description="side of the spatial blocks a scene is split by")
@@ -182,6 +208,17 @@ class TrainConfig(_Settings):
     seed: int = 0
     device: Device = "auto"
     out_dir: str = "runs/train"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_file(cls, v: Any) -> Any:
+        """A model may be named by its file under ``configs/models/``."""
+        return load_config(v, ModelConfig).model_dump() if isinstance(v, str) else v
+
+    @field_validator("compare", mode="before")
+    @classmethod
+    def _compare_files(cls, v: Any) -> Any:
+        return [cls._model_file(m) for m in v] if isinstance(v, list | tuple) else v
 
     @field_validator("split")
     @classmethod

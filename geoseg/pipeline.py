@@ -136,11 +136,13 @@ def plan_run(
     grid = TileGrid(info.height, info.width, tile, margin)
     block_size = align_block_size(config.block_size, grid)
     sha = file_sha256(checkpoint)
+    scaling = contract.for_scene(info, bands)  # normalisation == "scene": the scene's own band statistics
     job = BlockJob(
         scene=str(Path(scene).resolve()), bands=bands, checkpoint=str(Path(checkpoint).resolve()),
         checkpoint_sha256=sha, scales=config.scales, flip=config.flip, device=device.type,
         batch_size=config.batch_size, margin=margin, probabilities=config.probabilities,
         store=str((Path(out_dir) / "prediction.zarr").resolve()), torch_threads=config.threads,
+        mean=scaling.mean, std=scaling.std,
     )
     stat = Path(scene).stat()
     fingerprint = hashlib.sha256(json.dumps({
@@ -148,7 +150,7 @@ def plan_run(
                   tuple(info.transform)],
         "checkpoint": sha, "bands": bands, "tile": tile, "margin": margin, "block_size": block_size,
         "scales": config.scales, "flip": config.flip, "device": device.type, "threads": config.threads,
-        "probabilities": config.probabilities,
+        "probabilities": config.probabilities, "mean": scaling.mean, "std": scaling.std,
         "version": geoseg.__version__,
     }, default=str).encode()).hexdigest()
     plan = RunPlan(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,7 +44,8 @@ class BlockJob:
     probabilities: bool
     store: str
     torch_threads: int
-
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @contextmanager
@@ -60,8 +61,12 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @lru_cache(maxsize=2)
 def worker_predictor(job: BlockJob) -> Predictor:
-    """Load the checkpoint once per worker process and keep it (keyed by path, hash and settings)."""
+    """Load the checkpoint once per worker process and keep it (keyed by path, hash and settings).
+
+    The contract normalises with the job's ``mean``/``std`` (the scene's own, for a ``scene`` contract).
+    """
     model, contract = load_checkpoint(job.checkpoint, device=job.device)
+    contract = replace(contract, mean=job.mean, std=job.std)
     return Predictor(model, contract, scales=job.scales, flip=job.flip, device=job.device, batch_size=job.batch_size)
 
 

@@ -94,7 +94,8 @@ def rgb_uint8(tmp_path):
     )
 
 
-def make_tiny_checkpoint(path: Path, scene: Path, *, tile: int = 64, seed: int = 0) -> Path:
+def make_tiny_checkpoint(path: Path, scene: Path, *, tile: int = 64, seed: int = 0,
+                         normalisation: str = "fixed") -> Path:
     """A seeded stand-in model (geoseg ``tiny`` arch, receptive field 15 px) for ``scene``'s bands."""
     import torch
 
@@ -110,7 +111,7 @@ def make_tiny_checkpoint(path: Path, scene: Path, *, tile: int = 64, seed: int =
     mean, std = band_stats(info)
     contract = contract_for(
         ModelConfig(arch="tiny", backbone="none", tile_size=tile), band_names=info.band_names,
-        mean=mean, std=std, classes=classes,
+        mean=mean, std=std, classes=classes, normalisation=normalisation,
     )
     return save_checkpoint(path, model, contract)
 

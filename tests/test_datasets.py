@@ -12,12 +12,12 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from shapely.geometry import box as shp_box
 
-from geoseg.augment import Augment
 from geoseg.config import ClassSchema, DataConfig
-from geoseg.datasets import TileDataset, class_weights, load_labelled, pair_tiles
 from geoseg.errors import DatasetError
-from geoseg.labels import align_label_raster, encode_labels, rasterize_labels
 from geoseg.tiling import Box
+from geoseg.train.augment import Augment
+from geoseg.train.datasets import TileDataset, class_weights, load_labelled, pair_tiles
+from geoseg.train.labels import align_label_raster, encode_labels, rasterize_labels
 
 SCHEMA = ClassSchema(name="t", classes=[{"id": 1, "name": "a", "color": "#ff0000"},
                                         {"id": 2, "name": "b", "color": "#00ff00"},

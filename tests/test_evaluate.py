@@ -9,8 +9,8 @@ from conftest import NC_SCENE, ROOT
 from processes import cli, run
 
 from geoseg.config import PredictConfig
-from geoseg.evaluate import evaluate
-from geoseg.labels import align_label_raster
+from geoseg.train.evaluate import evaluate
+from geoseg.train.labels import align_label_raster
 
 LABEL_RASTER = ROOT / "data" / "nc-landsat-lulc" / "landsat96_labelled_pixels.tif"
 LABEL_POLYGONS = ROOT / "data" / "nc-landsat-lulc" / "landsat96_polygons.shp"
@@ -49,7 +49,7 @@ def test_scores_equal_a_direct_count(tiny_checkpoint, tmp_path):
 
 def test_vector_labels_are_burnt_onto_the_scene_grid(tiny_checkpoint):
     from geoseg.checkpoint import load_checkpoint
-    from geoseg.labels import rasterize_labels
+    from geoseg.train.labels import rasterize_labels
 
     m = evaluate(NC_SCENE, LABEL_POLYGONS, tiny_checkpoint, config=CFG).metrics
     burnt = rasterize_labels(LABEL_POLYGONS, NC_SCENE, load_checkpoint(tiny_checkpoint)[1].classes)

@@ -3,7 +3,7 @@
 :func:`evaluate` predicts the scene exactly as ``geoseg predict`` does (same tiling, stitching,
 multi-scale and nodata handling; :func:`geoseg.pipeline.predict_raster`), reads the labels onto the
 scene's grid (a label raster, or vector labels burnt onto it) and scores every labelled pixel that
-the scene has data for (:class:`geoseg.metrics.SegmentationMetrics`: confusion matrix, per-class IoU
+the scene has data for (:class:`geoseg.train.metrics.SegmentationMetrics`: confusion matrix, per-class IoU
 and F1, macro mIoU over the classes present, pixel accuracy). Labelled pixels where the scene is
 nodata are counted apart, never scored.
 
@@ -29,16 +29,12 @@ from geoseg.atomic import write_bytes, write_text
 from geoseg.checkpoint import load_checkpoint
 from geoseg.config import ClassSchema, PredictConfig
 from geoseg.errors import DatasetError
-from geoseg.labels import align_label_raster, encode_labels, rasterize_labels
-from geoseg.metrics import SegmentationMetrics
 from geoseg.pipeline import predict_raster
 from geoseg.raster import gdal_env
+from geoseg.train.labels import encode_labels, read_labels
+from geoseg.train.metrics import SegmentationMetrics
 
 log = logging.getLogger(__name__)
-
-#: Suffixes read as label rasters; anything else is read as vector labels.
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -46,14 +42,6 @@ class Evaluation:
 
     metrics: dict[str, Any]
     files: dict[str, str]
-
-
-def read_labels(labels: str | Path, scene: str | Path, schema: ClassSchema, *, label_field: str = "id") -> np.ndarray:
-    """Labels on the scene's grid as channel indices (``schema.ignore_index`` where unlabelled)."""
-    path = Path(labels)
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        return align_label_raster(path, scene, schema)
-    return rasterize_labels(path, scene, schema, label_field=label_field)
 
 
 def evaluate(
@@ -153,7 +141,7 @@ def comparison_png(scene: str | Path, class_map: str | Path, pred: np.ndarray, t
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from geoseg.compare import colourise, rgb_composite
+    from geoseg.train.compare import colourise, rgb_composite
 
     step = max(1, int(np.ceil(max(pred.shape) / max_side)))
     sl = (slice(None, None, step), slice(None, None, step))

@@ -13,11 +13,11 @@ tiles never overlap two parts:
   :data:`TRIALS` seeded random draws (each group to part ``p`` with probability ``fractions[p]``);
   the draw kept maximises, in order: classes present in train, (part, class) pairs present in val and
   test, then closeness of each part's share of every class's pixels to its fraction.
-- **Training tiles** (:func:`sample_tiles`) lie wholly inside train units (and inside the image, when
-  the image is at least a tile wide) and hold at least one labelled pixel.
-- **Evaluation tiles** (:func:`eval_tiles`) cover val/test units with cores of ``tile/2`` px, each
-  read with ``tile/4`` px of image context; only core pixels inside the unit are scored.  Reading
-  image context from neighbouring units is fine: a map is predicted from the whole image.
+- **Training tiles** (:class:`TileSampler`) are placed around labelled train pixels and may reach
+  into val/test units for image context; they are trained on the train part's labels only
+  (:func:`part_labels`), so no val or test label is ever seen.
+- **Scoring** predicts whole images as ``geoseg predict`` does and scores only the pixels of the
+  part (:mod:`geoseg.train.scoring`): a map is predicted from the whole image.
 
 The split is saved as JSON with the run (:meth:`Split.save`).
 """
@@ -64,6 +64,9 @@ class Split:
         units: every unit, in image then row-major order.
         seed: the seed the assignment was drawn with.
         fractions: the requested (train, val, test) fractions.
+        offsets: per image, the (row, col) where its second block row and column start (its first
+            ones are cut short so that block edges fall on the first image's, on the ground);
+            ``None``: every image's blocks start at (0, 0).
     """
 
     images: tuple[str, ...]
@@ -71,6 +74,7 @@ class Split:
     units: tuple[Unit, ...]
     seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    offsets: tuple[tuple[int, int], ...] | None = None
 
     def boxes(self, part: str | int) -> list[tuple[int, Box]]:
         """``(image index, box)`` of every unit in ``part`` (``train``, ``val``, ``test`` or 0/1/2)."""
@@ -89,6 +93,7 @@ class Split:
             if self.block is None:
                 entry["part"] = PARTS[units[0].part]
             else:
+                entry["offset"] = list(self.offset(i))
                 rows: dict[int, str] = {}
                 for u in units:
                     rows[u.box.y0] = rows.get(u.box.y0, "") + letters[u.part]
@@ -99,19 +104,25 @@ class Split:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Split:
         """Inverse of :meth:`to_dict`."""
-        block, units, names = d["block"], [], []
+        block, units, names, offsets = d["block"], [], [], []
         for i, e in enumerate(d["images"]):
             names.append(e["name"])
             h, w = e["height"], e["width"]
             if block is None:
                 units.append(Unit(i, Box(0, 0, h, w), PARTS.index(e["part"])))
                 continue
-            for r, row in enumerate(e["rows"]):
-                for c, letter in enumerate(row):
-                    box = Box(r * block, c * block, min((r + 1) * block, h), min((c + 1) * block, w))
-                    units.append(Unit(i, box, "tve".index(letter)))
+            offset = tuple(e.get("offset", (0, 0)))
+            offsets.append(offset)
+            boxes = _blocks(h, w, block, offset)
+            letters = "".join(e["rows"])
+            units += [Unit(i, box, "tve".index(letter)) for box, letter in zip(boxes, letters, strict=True)]
         fractions = tuple(d.get("fractions", (0.7, 0.15, 0.15)))
-        return cls(tuple(names), block, tuple(units), int(d.get("seed", 0)), fractions)  # type: ignore[arg-type]
+        aligned = tuple(offsets) if any(o != (0, 0) for o in offsets) else None
+        return cls(tuple(names), block, tuple(units), int(d.get("seed", 0)), fractions, aligned)  # type: ignore[arg-type]
+
+    def offset(self, image: int) -> tuple[int, int]:
+        """Where image ``image``'s second block row and column start (see :attr:`offsets`)."""
+        return self.offsets[image] if self.offsets is not None else (0, 0)
 
     def save(self, path: str | Path) -> Path:
         """Write the split as JSON."""
@@ -135,20 +146,38 @@ class Split:
         return out
 
 
-def _units(shapes: Sequence[tuple[int, int]], block: int | None) -> list[tuple[int, Box]]:
+def _edges(n: int, block: int, offset: int) -> list[int]:
+    """Block edges along an axis of ``n`` px: 0, then ``offset`` (if > 0), then every ``block`` px, then n."""
+    inner = range(offset if offset > 0 else block, n, block)
+    return [0, *inner, n]
+
+
+def _blocks(h: int, w: int, block: int, offset: tuple[int, int]) -> list[Box]:
+    """The blocks of an ``h`` x ``w`` image, row-major, edges as in :func:`_edges`."""
+    rows, cols = _edges(h, block, offset[0]), _edges(w, block, offset[1])
+    return [Box(y0, x0, y1, x1) for y0, y1 in zip(rows, rows[1:], strict=False)
+            for x0, x1 in zip(cols, cols[1:], strict=False)]
+
+
+def _units(shapes: Sequence[tuple[int, int]], block: int | None,
+           offsets: Sequence[tuple[int, int]]) -> list[tuple[int, Box]]:
     out = []
     for i, (h, w) in enumerate(shapes):
         if block is None:
             out.append((i, Box(0, 0, h, w)))
         else:
-            out += [(i, Box(y, x, min(y + block, h), min(x + block, w)))
-                    for y in range(0, h, block) for x in range(0, w, block)]
+            out += [(i, b) for b in _blocks(h, w, block, offsets[i])]
     return out
 
 
 def _groups(labels: Sequence[np.ndarray], units: list[tuple[int, Box]], block: int | None,
-            ignore_index: int) -> np.ndarray:
-    """Group id per unit: blocks touched by one small labelled region share a group (union-find)."""
+            ignore_index: int, places: Sequence[tuple[float, float]] | None,
+            offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Group id per unit (union-find), for blocks that must go to one part.
+
+    Blocks touched by one small labelled region share a group, and so do blocks of different images
+    on the same ground (the same block of the first image's lattice).
+    """
     parent = np.arange(len(units))
 
     def find(a: int) -> int:
@@ -157,24 +186,44 @@ def _groups(labels: Sequence[np.ndarray], units: list[tuple[int, Box]], block: i
             a = parent[a]
         return a
 
+    def join(members: Sequence[int]) -> None:
+        root = find(int(members[0]))
+        for m in members[1:]:
+            parent[find(int(m))] = root
+
     if block is not None:
         first = 0
-        for lab in labels:
+        for i, lab in enumerate(labels):
             h, w = lab.shape
-            ncols = math.ceil(w / block)
+            rows, cols = _edges(h, block, offsets[i][0]), _edges(w, block, offsets[i][1])
+            ncols = len(cols) - 1
             comp, n = ndimage.label(lab != ignore_index, structure=np.ones((3, 3)))
             if n:
                 yy, xx = np.nonzero(comp)
-                unit = first + (yy // block) * ncols + xx // block
+                unit = first + (np.searchsorted(rows, yy, side="right") - 1) * ncols + \
+                    np.searchsorted(cols, xx, side="right") - 1
                 pairs = np.unique(np.stack([comp[yy, xx], unit], 1), axis=0)
                 for c in np.unique(pairs[:, 0]):
                     members = pairs[pairs[:, 0] == c, 1]
                     if len(members) <= MAX_GROUP:
-                        root = find(int(members[0]))
-                        for m in members[1:]:
-                            parent[find(int(m))] = root
-            first += math.ceil(h / block) * ncols
+                        join(members)
+            first += (len(rows) - 1) * ncols
+        if places is not None:
+            ground: dict[tuple[int, int], list[int]] = {}
+            for u, (i, b) in enumerate(units):
+                y, x = places[i][0] + (b.y0 + b.y1) / 2, places[i][1] + (b.x0 + b.x1) / 2
+                ground.setdefault((math.floor(y / block), math.floor(x / block)), []).append(u)
+            for members in ground.values():
+                join(members)
     return np.array([find(u) for u in range(len(units))])
+
+
+def block_offsets(places: Sequence[tuple[float, float]], block: int) -> list[tuple[int, int]]:
+    """Per image, the block offsets that put its block edges on the first image's lattice.
+
+    ``places[i]``: where image ``i``'s top-left corner lies, in pixels of the first image.
+    """
+    return [(round(-y) % block, round(-x) % block) for y, x in places]
 
 
 def make_split(
@@ -186,6 +235,7 @@ def make_split(
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     seed: int = 0,
     ignore_index: int = 255,
+    places: Sequence[tuple[float, float]] | None = None,
 ) -> Split:
     """Assign blocks (or, with ``block=None``, whole images) to train/val/test; see the module docstring.
 
@@ -197,14 +247,18 @@ def make_split(
         fractions: (train, val, test) shares, summing to 1.
         seed: seeds the assignment.
         ignore_index: the label value of unlabelled pixels.
+        places: scenes of one area: per image, where its top-left corner lies in pixels of the first
+            image (same pixel size); block edges then fall on the same ground in every image and a
+            place is in the same part in all of them. ``None``: images of different places.
     """
     frac = np.asarray(fractions, np.float64)
-    units = _units([lab.shape for lab in labels], block)
+    offsets = block_offsets(places, block) if places is not None and block else [(0, 0)] * len(labels)
+    units = _units([lab.shape for lab in labels], block, offsets)
     hist = np.zeros((len(units), num_classes), np.int64)
     for u, (i, b) in enumerate(units):
         lab = labels[i][b.y0 : b.y1, b.x0 : b.x1]
         hist[u] = np.bincount(lab[lab < num_classes].ravel(), minlength=num_classes)[:num_classes]
-    group = _groups(labels, units, block, ignore_index)
+    group = _groups(labels, units, block, ignore_index, places, offsets)
     labelled = hist.sum(1) > 0
     gids = np.unique(group[labelled])
     ghist = np.stack([hist[group == g].sum(0) for g in gids]) if len(gids) else np.zeros((0, num_classes))
@@ -213,8 +267,9 @@ def make_split(
     parts = np.zeros(len(units), np.int64)
     for g, p in zip(gids, part_of_group, strict=True):
         parts[group == g] = p
+    aligned = tuple(offsets) if any(o != (0, 0) for o in offsets) else None
     return Split(tuple(names), block, tuple(Unit(i, b, int(p)) for (i, b), p in zip(units, parts, strict=True)),
-                 seed, tuple(float(f) for f in frac))  # type: ignore[arg-type]
+                 seed, tuple(float(f) for f in frac), aligned)  # type: ignore[arg-type]
 
 
 def _best_assignment(ghist: np.ndarray, frac: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -237,81 +292,68 @@ def _best_assignment(ghist: np.ndarray, frac: np.ndarray, rng: np.random.Generat
     return draws[int(np.argmax(score))]
 
 
-def _candidates(split: Split, labels: Sequence[np.ndarray], tile: int, ignore_index: int) -> list[np.ndarray]:
-    """Per image, flat indices (int64) of tile origins whose tile lies in train and holds a label.
-
-    Origins run over ``[0, max(H - tile, 0)]`` x ``[0, max(W - tile, 0)]``; a tile longer than the
-    image reaches past its edge (those pixels are invalid and ignored).
-    """
+def part_labels(split: Split, labels: Sequence[np.ndarray], part: str | int, ignore_index: int = 255
+                ) -> list[np.ndarray]:
+    """Per image, a copy of ``labels`` with every pixel outside the units of ``part`` set to ``ignore_index``."""
     out = []
     for i, lab in enumerate(labels):
-        h, w = lab.shape
-        allowed = np.zeros((h, w), bool)
-        for j, b in split.boxes("train"):
+        keep = np.zeros(lab.shape, bool)
+        for j, b in split.boxes(part):
             if j == i:
-                allowed[b.y0 : b.y1, b.x0 : b.x1] = True
-        th, tw = min(tile, h), min(tile, w)
-        bad = _box_sums(~allowed, th, tw)
-        has_label = _box_sums(lab != ignore_index, th, tw)
-        out.append(np.flatnonzero((bad == 0) & (has_label > 0)))
+                keep[b.y0 : b.y1, b.x0 : b.x1] = True
+        out.append(np.where(keep, lab, np.uint8(ignore_index)).astype(lab.dtype))
     return out
-
-
-def _box_sums(mask: np.ndarray, th: int, tw: int) -> np.ndarray:
-    """Sum of ``mask`` over every ``th x tw`` window, indexed by the window's top-left corner."""
-    s = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    return s[th:, tw:] - s[:-th, tw:] - s[th:, :-tw] + s[:-th, :-tw]
 
 
 class TileSampler:
-    """Draws training tiles that stay inside the train part (see :func:`_candidates`).
+    """Draws training tiles around labelled train pixels, optionally balancing the classes.
+
+    Each tile is placed at a random offset around one labelled pixel of the train part: with
+    probability ``balance`` the pixel's class is drawn first, uniformly among the classes present in
+    train, else the pixel is drawn uniformly among all labelled train pixels (so ``balance=0`` follows
+    the label frequencies and ``balance=1`` shows every class equally often).  Tiles stay inside the
+    image when it is at least a tile wide.  A tile may reach into val or test blocks: there the image
+    is context only, because the labels it is trained on are ``part_labels(split, labels, "train")``.
 
     Args:
-        split: the split.
-        labels: per image, ``(H, W)`` channel indices.
+        labels: per image, ``(H, W)`` channel indices of the train part only (see :func:`part_labels`).
         tile: tile side in px.
-        ignore_index: the label value of unlabelled pixels.
+        num_classes: number of classes ``K``.
+        balance: share of tiles drawn for a uniformly chosen class, 0..1.
 
     Raises:
-        DatasetError: no tile of that size fits in the train part with a labelled pixel.
+        DatasetError: the train part holds no labelled pixel.
     """
 
-    def __init__(self, split: Split, labels: Sequence[np.ndarray], tile: int, ignore_index: int = 255) -> None:
+    def __init__(self, labels: Sequence[np.ndarray], tile: int, num_classes: int, balance: float = 0.0) -> None:
         self.tile = tile
-        self.widths = [max(lab.shape[1] - tile, 0) + 1 for lab in labels]
-        self.candidates = _candidates(split, labels, tile, ignore_index)
-        self.counts = np.array([len(c) for c in self.candidates], np.int64)
+        self.balance = balance
+        self.shapes = [lab.shape for lab in labels]
+        # per class: (image index, flat pixel index) of its train pixels
+        pixels: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        for i, lab in enumerate(labels):
+            flat = lab.ravel()
+            for k in range(num_classes):
+                idx = np.flatnonzero(flat == k)
+                pixels[k].append(np.stack([np.full(len(idx), i), idx], 1))
+        self.pixels = [np.concatenate(p) for p in pixels]
+        self.counts = np.array([len(p) for p in self.pixels], np.int64)
         if self.counts.sum() == 0:
-            raise DatasetError(
-                f"no {tile} px tile fits inside the train blocks and holds a labelled pixel; use a smaller "
-                "tile_size, a larger split_block, or a larger train fraction"
-            )
+            raise DatasetError("the train part holds no labelled pixel; use a larger train fraction or "
+                               "check the labels")
 
     def sample(self, n: int, rng: np.random.Generator) -> list[tuple[int, Box]]:
-        """``n`` tiles, uniform over all valid origins of all images."""
-        flat = rng.integers(0, int(self.counts.sum()), size=n)
-        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        """``n`` tiles (image index, box), drawn from ``rng``."""
+        present = np.flatnonzero(self.counts)
+        frequency = self.counts[present] / self.counts.sum()
         out = []
-        for f in flat:
-            i = int(np.searchsorted(starts, f, side="right") - 1)
-            origin = int(self.candidates[i][f - starts[i]])
-            y, x = divmod(origin, self.widths[i])
-            out.append((i, Box(y, x, y + self.tile, x + self.tile)))
+        for _ in range(n):
+            weights = np.full(len(present), 1 / len(present)) if rng.random() < self.balance else frequency
+            k = int(present[rng.choice(len(present), p=weights)])
+            i, flat = self.pixels[k][int(rng.integers(self.counts[k]))]
+            h, w = self.shapes[i]
+            y, x = divmod(int(flat), w)
+            oy = int(np.clip(y - rng.integers(self.tile), 0, max(h - self.tile, 0)))
+            ox = int(np.clip(x - rng.integers(self.tile), 0, max(w - self.tile, 0)))
+            out.append((int(i), Box(oy, ox, oy + self.tile, ox + self.tile)))
         return out
-
-
-def eval_tiles(boxes: Sequence[tuple[int, Box]], tile: int) -> list[tuple[int, Box, Box]]:
-    """Tiles scoring the units ``boxes``: ``(image, tile box, core box)`` with ``core`` inside its unit.
-
-    Cores of ``tile - 2*(tile//4)`` px partition each unit; each tile adds ``tile//4`` px of context
-    on every side (it may reach past the image edge; ``read_window`` mirrors the image there).
-    """
-    m = tile // 4
-    core = tile - 2 * m
-    out = []
-    for i, unit in boxes:
-        for y in range(unit.y0, unit.y1, core):
-            for x in range(unit.x0, unit.x1, core):
-                c = Box(y, x, min(y + core, unit.y1), min(x + core, unit.x1))
-                out.append((i, Box(y - m, x - m, y - m + tile, x - m + tile), c))
-    return out

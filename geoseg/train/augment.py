@@ -20,6 +20,8 @@ class Augment:
             tile size (image bilinear, labels nearest; padding is 0 and ignored); ``None``: off.
         brightness: add ``b ~ U(-brightness, brightness)`` (normalised units).
         contrast: multiply by ``c ~ U(1 - contrast, 1 + contrast)``.
+        band_jitter: then, per band, multiply by ``U(1 - j, 1 + j)`` and add ``U(-j, j)`` (normalised
+            units): scenes of other dates and sensors shift bands unequally.
     """
 
     flips: bool = True
@@ -27,6 +29,7 @@ class Augment:
     scale: tuple[float, float] | None = (0.75, 1.25)
     brightness: float = 0.1
     contrast: float = 0.1
+    band_jitter: float = 0.0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, ignore_index: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +45,13 @@ class Augment:
             x, y = _zoom(x, y, float(rng.uniform(*self.scale)), rng, ignore_index)
         c = float(rng.uniform(1 - self.contrast, 1 + self.contrast))
         b = float(rng.uniform(-self.brightness, self.brightness))
-        return (x * c + b).contiguous(), y.contiguous()
+        x = x * c + b
+        if self.band_jitter:
+            j = self.band_jitter
+            gain = torch.from_numpy(rng.uniform(1 - j, 1 + j, x.shape[0]).astype(np.float32))[:, None, None]
+            shift = torch.from_numpy(rng.uniform(-j, j, x.shape[0]).astype(np.float32))[:, None, None]
+            x = x * gain + shift
+        return x.contiguous(), y.contiguous()
 
 
 def _zoom(x: torch.Tensor, y: torch.Tensor, s: float, rng: np.random.Generator, ignore: int

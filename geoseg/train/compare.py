@@ -28,11 +28,11 @@ import numpy as np
 from geoseg.atomic import write_bytes, write_text
 from geoseg.checkpoint import ModelContract, load_checkpoint
 from geoseg.config import ModelConfig, TrainConfig
-from geoseg.datasets import LabelledData
 from geoseg.predict import Predictor
-from geoseg.splits import Split
 from geoseg.tiling import Box
-from geoseg.train import TrainResult, load_training_data, make_data_split, train
+from geoseg.train.datasets import LabelledData
+from geoseg.train.loop import TrainResult, load_training_data, make_data_split, train
+from geoseg.train.splits import Split
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every source is read into :class:`LabelledImage` values: the image stays on disk (read by window with
 :func:`geoseg.raster.read_window`), the labels are held in memory as *channel indices* (one byte per
-pixel, :mod:`geoseg.labels`): class ``schema.classes[k].id`` becomes ``k``, and ``schema.ignore_index``
+pixel, :mod:`geoseg.train.labels`): class ``schema.classes[k].id`` becomes ``k``, and ``schema.ignore_index``
 (255) marks pixels that are not trained on or scored — label nodata, unlabelled pixels and scene-nodata
 pixels.
 
@@ -17,13 +17,14 @@ Sources (``DataConfig.kind``):
   ``all_touched=False``: a pixel is labelled when its centre lies inside a polygon).  Pixels outside
   every polygon are unlabelled (ignored), unless a *background* class is given: then they take it.
 
-:class:`TileDataset` turns boxes on those images into normalised, augmented (:mod:`geoseg.augment`)
+:class:`TileDataset` turns boxes on those images into normalised, augmented (:mod:`geoseg.train.augment`)
 ``(x, y)`` tensors.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,17 +35,19 @@ import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
 
-from geoseg.augment import Augment
-from geoseg.config import ClassSchema, DataConfig, load_config
+from geoseg.config import ClassSchema, DataConfig, SceneLabels, load_config
 from geoseg.errors import DatasetError
-from geoseg.labels import align_label_raster, background_id, encode_labels, rasterize_labels
-from geoseg.raster import gdal_env, open_scene, read_window
+from geoseg.raster import gdal_env, open_scene, read_window, resolve_bands
 from geoseg.tiling import Box
+from geoseg.train.augment import Augment
+from geoseg.train.labels import background_id, encode_labels, read_labels
 
 log = logging.getLogger(__name__)
 
 #: File endings read as tiles (image or mask) in a tile folder.
 TILE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+#: A band name GDAL gives a band without description.
+_UNNAMED = re.compile(r"band_\d+")
 
 @dataclass(eq=False)
 class LabelledImage:
@@ -56,6 +59,7 @@ class LabelledImage:
         labels: ``(H, W)`` uint8 channel indices, ``ignore_index`` where unlabelled or invalid.
         band_names: the image's bands in order.
         dtype: the image's pixel type.
+        bands: 1-based scene bands read, in the model's order (None: all).
     """
 
     name: str
@@ -63,6 +67,7 @@ class LabelledImage:
     labels: np.ndarray
     band_names: tuple[str, ...]
     dtype: str
+    bands: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -74,7 +79,7 @@ class LabelledImage:
         with warnings.catch_warnings(), gdal_env():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(self.path) as src:
-                return read_window(src, box)
+                return read_window(src, box, bands=self.bands)
 
 
 @dataclass(eq=False)
@@ -195,26 +200,57 @@ def load_labelled(
                                f"{sorted({len(n) for n in counts})}")
         band_names = images[0].band_names
     else:
-        scene = open_scene(config.images)
-        if config.kind == "scene_raster":
-            labels = align_label_raster(config.labels, scene.path, schema)
+        if config.kind == "scenes":
+            specs = list(config.scenes)
+            sources["scenes"] = [spec.model_dump(mode="json") for spec in specs]
         else:
-            bg = background if background is not None else background_id(schema)
-            if bg is not None:
-                sources["background"] = str(bg)
-            labels = rasterize_labels(config.labels, scene.path, schema, label_field=config.label_field,
-                                      label_value=label_value, background=bg)
-            sources["label_field"] = config.label_field if label_value is None else f"= {label_value}"
-        with rasterio.open(scene.path) as src:
-            valid = np.all(src.read_masks() > 0, axis=0)
-        labels[~valid] = schema.ignore_index
-        band_names = scene.band_names
-        images = [LabelledImage(scene.path.stem, scene.path, labels, band_names, scene.dtype)]
+            specs = [SceneLabels(image=config.images, labels=config.labels, label_field=config.label_field)]
+            if config.kind == "scene_vector":
+                sources["label_field"] = config.label_field if label_value is None else f"= {label_value}"
+        bg = background if background is not None else background_id(schema)
+        if bg is not None and config.kind != "scene_raster":
+            sources["background"] = str(bg)
+        images = [_load_scene(spec, schema, label_value=label_value, background=bg) for spec in specs]
+        band_names = _shared_band_names(images)
     n = sum(int((im.labels != schema.ignore_index).sum()) for im in images)
     if n == 0:
-        raise DatasetError(f"{config.labels}: no labelled pixel on the images {config.images}")
+        where = [f"{s.labels} on {s.image}" for s in config.scenes] or [f"{config.labels} on {config.images}"]
+        raise DatasetError(f"no labelled pixel of the classes {list(schema.names)} in {'; '.join(where)}")
     log.info("%d labelled images, %d labelled pixels, classes %s", len(images), n, list(schema.names))
     return LabelledData(config.kind, images, schema, band_names, sources)
+
+
+def _load_scene(spec: SceneLabels, schema: ClassSchema, *, label_value: int | None, background: int | None
+                ) -> LabelledImage:
+    """One labelled scene: its labels on its grid, invalid pixels (in any chosen band) ignored."""
+    scene = open_scene(spec.image)
+    bands = resolve_bands(scene, spec.bands)
+    labels = read_labels(spec.labels, scene.path, schema, label_field=spec.label_field, label_value=label_value,
+                         background=background)
+    with gdal_env(), rasterio.open(scene.path) as src:
+        valid = np.all(src.read_masks(list(bands)) > 0, axis=0)
+    labels[~valid] = schema.ignore_index
+    names = tuple(scene.band_names[b - 1] for b in bands)
+    return LabelledImage(scene.path.stem, scene.path, labels, names, scene.dtype, bands)
+
+
+def _shared_band_names(images: Sequence[LabelledImage]) -> tuple[str, ...]:
+    """The band names every scene shares; a scene without band descriptions takes the others' by position.
+
+    Raises:
+        DatasetError: the scenes have different band counts, or differently named bands.
+    """
+    named = [im for im in images if not all(_UNNAMED.fullmatch(n) for n in im.band_names)] or images[:1]
+    first = named[0]
+    for im in images:
+        if len(im.band_names) != len(first.band_names):
+            raise DatasetError(f"{im.path} gives {len(im.band_names)} bands but {first.path} gives "
+                               f"{len(first.band_names)}; pick the same bands with 'bands:' for every scene")
+    for im in named:
+        if im.band_names != first.band_names:
+            raise DatasetError(f"{im.path} has bands {list(im.band_names)} but {first.path} has "
+                               f"{list(first.band_names)}; order them alike with 'bands:'")
+    return first.band_names
 
 
 def default_scale(dtype: str) -> float:
@@ -267,8 +303,8 @@ class TileDataset(torch.utils.data.Dataset):
     Args:
         data: the labelled images.
         boxes: ``(image index, Box)`` pairs, all of one square size.
-        mean: per-band mean (after ``scale``).
-        std: per-band standard deviation (after ``scale``).
+        mean: per-band mean (after ``scale``), or one such row per image.
+        std: per-band standard deviation (after ``scale``), or one such row per image.
         scale: factor from stored values to the units of ``mean``/``std``.
         augment: augmentations, or ``None``.
         seed: integers seeding the per-item augmentation (e.g. ``(run seed, epoch)``).
@@ -279,8 +315,9 @@ class TileDataset(torch.utils.data.Dataset):
                  seed: Sequence[int] = (0,)) -> None:
         self.data = data
         self.boxes = list(boxes)
-        self.mean = np.asarray(mean, np.float32)[:, None, None]
-        self.std = np.asarray(std, np.float32)[:, None, None]
+        rows = len(data.images)
+        self.mean = np.broadcast_to(np.asarray(mean, np.float32), (rows, len(data.band_names)))[..., None, None]
+        self.std = np.broadcast_to(np.asarray(std, np.float32), (rows, len(data.band_names)))[..., None, None]
         self.scale = np.float32(scale)
         self.augment = augment
         self.seed = tuple(int(s) for s in seed)
@@ -292,7 +329,7 @@ class TileDataset(torch.utils.data.Dataset):
         idx, box = self.boxes[i]
         image = self.data.images[idx]
         x, valid = image.read(box)
-        x = (x * self.scale - self.mean) / self.std
+        x = (x * self.scale - self.mean[idx]) / self.std[idx]
         x[:, ~valid] = 0.0
         ignore = self.data.schema.ignore_index
         y = np.full(box.shape, ignore, np.int64)

@@ -188,3 +188,20 @@ def align_label_raster(path: str | Path, scene_path: str | Path, schema: ClassSc
                           dst_nodata=np.nan, resampling=Resampling.nearest)
                 band = aligned
     return encode_labels(band, schema, nodata=nodata, source=str(path))
+
+
+#: Suffixes read as label rasters; anything else is read as vector labels.
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
+
+
+def read_labels(labels: str | Path, scene: str | Path, schema: ClassSchema, *, label_field: str = "id",
+                label_value: int | None = None, background: int | None = None) -> np.ndarray:
+    """Labels on the scene's grid as channel indices: a label raster (by suffix) or vector labels.
+
+    ``label_value`` and ``background`` apply to vector labels (see :func:`rasterize_labels`).
+    """
+    path = Path(labels)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return align_label_raster(path, scene, schema)
+    return rasterize_labels(path, scene, schema, label_field=label_field, label_value=label_value,
+                            background=background)
