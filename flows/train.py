@@ -2,7 +2,9 @@
 
 Thin: one task calls :func:`geoseg.train.train`; its progress callback publishes, after every epoch,
 a table artifact (epoch, loss, val mIoU, pixel accuracy, lr) and a markdown artifact with the loss
-and mIoU curves as an embedded PNG.
+and mIoU curves as an embedded PNG.  At the end it publishes the best weights' whole-scene scores:
+a table of IoU and F1 per class on val and test (``train-scores``) and the test confusion matrix
+(``train-confusion``).
 
 Run it: ``python flows/train.py CONFIG_YAML [OUT_DIR]``.
 """
@@ -17,8 +19,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from geoseg.checkpoint import load_checkpoint
 from geoseg.config import TrainConfig, settings_with_overrides
 from geoseg.train import train as train_model
+from geoseg.train.evaluate import confusion_png
 from geoseg.train.metrics import curves_png, png_data_uri
 
 
@@ -42,6 +46,26 @@ def _publish(name: str, history: list[dict[str, Any]]) -> None:
     )
 
 
+def _publish_scores(name: str, classes: list[str], val: dict[str, Any] | None, test: dict[str, Any] | None) -> None:
+    """Per-class IoU/F1 of the best weights on val and test, and the test confusion matrix."""
+    def at(part: dict[str, Any] | None, key: str, k: int) -> float | None:
+        v = part[key][k] if part else None
+        return None if v is None else round(v, 4)
+
+    rows = [{"class": c, "val_iou": at(val, "iou", k), "val_f1": at(val, "f1", k), "test_iou": at(test, "iou", k),
+             "test_f1": at(test, "f1", k)} for k, c in enumerate(classes)]
+    rows.append({"class": "macro mIoU / pixel accuracy",
+                 "val_iou": val and round(val["miou_macro"], 4), "val_f1": val and round(val["pixel_accuracy"], 4),
+                 "test_iou": test and round(test["miou_macro"], 4),
+                 "test_f1": test and round(test["pixel_accuracy"], 4)})
+    create_table_artifact(key="train-scores", table=rows,
+                          description=f"{name}: whole-scene scores of the best weights (last row: mIoU, accuracy)")
+    if test:
+        png = confusion_png(test["confusion_matrix"], classes)
+        create_markdown_artifact(key="train-confusion", description=f"{name}: test confusion matrix",
+                                 markdown=f"# {name}: test part\n\n![confusion matrix]({png_data_uri(png)})\n")
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(config: TrainConfig, out_dir: str | None, resume: bool) -> dict[str, Any]:
     """Train, publishing artifacts per epoch; returns the run's files and test metrics."""
@@ -55,6 +79,7 @@ def train_task(config: TrainConfig, out_dir: str | None, resume: bool) -> dict[s
         _publish(name, history)
 
     result = train_model(config, out_dir=out_dir, progress=progress, resume=resume, overwrite=not resume)
+    _publish_scores(name, list(load_checkpoint(result.best)[1].classes.names), result.val, result.test)
     return {"best": str(result.best), "last": str(result.last), "metrics": str(result.metrics_file),
             "test": result.test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
 

@@ -200,3 +200,9 @@ def test_train_flow_publishes_table_and_curves(harness, tiny_data, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and set(rows[0]) == {"epoch", "loss", "val_miou", "pixel_acc", "lr"}
     md = by_key["train-curves"][0].data
     assert "data:image/png;base64," in md
+    scores = by_key["train-scores"][0].data
+    scores = json.loads(scores) if isinstance(scores, str) else scores
+    assert [r["class"] for r in scores[:3]] == ["low", "mid", "high"]
+    assert scores[-1]["test_iou"] == round(out["test"]["miou_macro"], 4)  # the whole-scene test score
+    assert scores[0]["test_iou"] == round(out["test"]["iou"][0], 4)
+    assert "data:image/png;base64," in by_key["train-confusion"][0].data

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def _evaluate(scene: str | Path, labels: str | Path, checkpoint: str | Path, out
         return Evaluation(scores, {})
     files = {
         "evaluation": str(write_text(out / "evaluation.json", json.dumps(scores, indent=1, allow_nan=False))),
-        "confusion": str(write_bytes(out / "confusion.png", confusion_png(scores["confusion_matrix"], schema))),
+        "confusion": str(write_bytes(out / "confusion.png", confusion_png(scores["confusion_matrix"], schema.names))),
         "comparison": str(write_bytes(out / "comparison.png",
                                       comparison_png(scene, result.outputs["class_map"], pred, scored, schema))),
         **result.outputs,
@@ -114,20 +115,20 @@ def _evaluate(scene: str | Path, labels: str | Path, checkpoint: str | Path, out
     return Evaluation(scores, files)
 
 
-def confusion_png(cm: list[list[int]], schema: ClassSchema) -> bytes:
+def confusion_png(cm: list[list[int]], names: Sequence[str]) -> bytes:
     """Confusion matrix, rows (true class) normalised to 1, each cell with its pixel count."""
     from matplotlib.figure import Figure
 
     counts = np.asarray(cm, np.int64)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    k = len(schema.classes)
+    k = len(names)
     fig = Figure(figsize=(1.1 * k + 2, 1.0 * k + 1.5), dpi=100)
     ax = fig.subplots()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, f"{n}", ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), schema.names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), schema.names, fontsize=8)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
     ax.set(xlabel="predicted", ylabel="labelled", title="confusion (rows sum to 1; cells: pixels)")
     fig.tight_layout()
     buf = io.BytesIO()
