@@ -1,6 +1,6 @@
 """The floor a land-cover model must beat: a per-pixel random forest on the raw bands.
 
-    python bench/baseline.py configs/train/nc_landsat.yaml [--max-pixels 200000] [--trees 100]
+    python bench/baseline.py configs/train/nc_landclass96.yaml [--max-pixels 200000] [--trees 100]
 
 Uses the training config's own data and spatial split (``geoseg.train.make_data_split``, same seed),
 so the forest learns from exactly the model's train pixels and is scored on exactly its val and test

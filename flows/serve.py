@@ -11,7 +11,7 @@
    the API or the schedule runs here as a subprocess. Ctrl-C stops serving (and pauses the schedule).
 
 Settings come from ``configs/`` (predict and batch: ``configs/predict/default.yaml``, train:
-``configs/train/nc_landsat.yaml``), passed as paths, so edits apply from the next run on.
+``configs/train/nc_landclass96.yaml``), passed as paths, so edits apply from the next run on.
 ``--scheduler tcp://host:8786`` points predict and batch at an existing Dask cluster.
 ``--work-pool NAME`` registers the same deployments with a work pool instead of serving them
 (run ``prefect worker start --pool NAME`` where the runs should execute).
@@ -46,7 +46,7 @@ log = logging.getLogger("geoseg.serve")
 #: Default predict settings for the predict and batch deployments (relative to the repository root).
 PREDICT_CONFIG = "configs/predict/default.yaml"
 #: Default training settings for the train deployment.
-TRAIN_CONFIG = "configs/train/nc_landsat.yaml"
+TRAIN_CONFIG = "configs/train/nc_landclass96.yaml"
 #: Nightly at 02:00.
 NIGHTLY = "0 2 * * *"
 

@@ -294,10 +294,10 @@ def test_deployments_are_built_from_configs(caplog):
     assert nightly.entrypoint == "flows/batch.py:batch" or nightly.entrypoint.endswith("flows/batch.py:batch")
     assert deployments["predict"].parameters == {"config": "configs/predict/default.yaml"}
     assert not deployments["predict"].schedules
-    for path in ("configs/predict/default.yaml", "configs/train/nc_landsat.yaml"):
+    for path in ("configs/predict/default.yaml", "configs/train/nc_landclass96.yaml"):
         assert (ROOT / path).is_file()
     if train_exists:
-        assert deployments["train"].parameters == {"config": "configs/train/nc_landsat.yaml"}
+        assert deployments["train"].parameters == {"config": "configs/train/nc_landclass96.yaml"}
 
 
 def test_train_deployment_skipped_with_a_log_line_while_missing(monkeypatch, caplog):

@@ -19,12 +19,22 @@ def test_every_config_loads(path):
     assert isinstance(cfg, KINDS[path.parent.name])
 
 
-def test_train_config_points_at_existing_files():
-    cfg = load_config(CONFIGS / "train" / "nc_landsat.yaml")
+@pytest.mark.parametrize("path", sorted((CONFIGS / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_train_configs_point_at_existing_files(path):
+    cfg = load_config(path)
     root = CONFIGS.parent
-    for p in (cfg.data.images, cfg.data.labels, cfg.data.classes):
-        assert (root / p).exists(), p
-    schema = load_config(root / cfg.data.classes)
+    scenes = cfg.data.scenes or [cfg.data]
+    for s in scenes:
+        for p in (getattr(s, "image", None) or s.images, s.labels):
+            assert (root / p).exists(), p
+    assert (root / cfg.data.classes).exists()
+
+
+def test_demo_config_reads_its_model_file_and_both_scenes():
+    cfg = load_config(CONFIGS / "train" / "nc_landclass96.yaml")
+    assert cfg.model == load_config(CONFIGS / "models" / "deeplabv3_mobilenetv3_64.yaml")
+    assert [s.bands for s in cfg.data.scenes] == [None, (1, 2, 3, 4, 5, 6)]
+    schema = load_config(CONFIGS.parent / cfg.data.classes)
     assert schema.ids == (1, 2, 3, 4, 5, 6, 7)
     assert schema.classes[0].rgb == (0xD7, 0x19, 0x1C)
 
