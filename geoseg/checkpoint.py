@@ -58,6 +58,7 @@ class ModelContract:
         scale: factor from stored pixel values to the units of ``mean``/``std`` (e.g. 1/255 for uint8).
         receptive_field: receptive field in pixels, ``None`` when larger than any tile; ``"auto"``
             (the default) takes :func:`geoseg.models.receptive_field` of ``arch``.
+        upsample: the network runs on tiles enlarged this many times (:class:`geoseg.models.Upsampled`).
         normalisation: ``fixed``: every scene is normalised with ``mean``/``std`` (the train part's);
             ``scene``: each scene with its own band statistics, sampled when it is predicted
             (:meth:`for_scene`; ``mean``/``std`` then record the train part's, for reference).
@@ -74,6 +75,7 @@ class ModelContract:
     classes: ClassSchema
     scale: float = 1.0
     receptive_field: int | None | str = "auto"
+    upsample: int = 1
     normalisation: str = "fixed"
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +94,7 @@ class ModelContract:
         put("output_stride", int(self.output_stride))
         put("tile_size", int(self.tile_size))
         put("scale", float(self.scale))
+        put("upsample", int(self.upsample))
         n = len(self.band_names)
         if n == 0 or len(self.mean) != n or len(self.std) != n:
             raise ConfigError(
@@ -182,7 +185,7 @@ class ModelContract:
             "arch": self.arch, "backbone": self.backbone, "output_stride": self.output_stride,
             "tile_size": self.tile_size, "band_names": list(self.band_names), "mean": list(self.mean),
             "std": list(self.std), "scale": self.scale, "classes": self.classes.model_dump(mode="json"),
-            "receptive_field": self.receptive_field, "normalisation": self.normalisation,
+            "receptive_field": self.receptive_field, "upsample": self.upsample, "normalisation": self.normalisation,
             "provenance": self.provenance,
         }
         return json.loads(json.dumps(d))
@@ -318,7 +321,7 @@ def load_checkpoint(
     except ConfigError as err:
         raise CheckpointError(f"{path}: bad contract: {err}") from None
     model = build_model(contract.arch, contract.backbone, contract.in_channels, contract.num_classes,
-                        output_stride=contract.output_stride)
+                        output_stride=contract.output_stride, upsample=contract.upsample)
     state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
     try:
         model.load_state_dict(state)
@@ -357,5 +360,6 @@ def contract_for(
     return ModelContract(
         arch=config.arch, backbone=config.backbone, output_stride=config.output_stride,
         tile_size=config.tile_size, band_names=tuple(band_names), mean=tuple(mean), std=tuple(std),
-        classes=classes, scale=scale, normalisation=normalisation, provenance=dict(provenance or {}),
+        classes=classes, scale=scale, upsample=config.upsample, normalisation=normalisation,
+        provenance=dict(provenance or {}),
     )

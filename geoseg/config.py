@@ -44,6 +44,7 @@ class ModelConfig(_Settings):
     backbone: Backbone = "resnet50"
     output_stride: Literal[8, 16] = 16
     tile_size: int = Field(640, ge=32, le=4096, description="model tile side in pixels, a multiple of 32")
+    upsample: int = Field(1, ge=1, le=4, description="the network runs on each tile enlarged this many times")
     pretrained: bool = False
 
     @field_validator("tile_size")

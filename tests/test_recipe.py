@@ -142,3 +142,24 @@ def test_scoring_predicts_only_blocks_with_pixels_to_score(tiny_checkpoint):
     predicted = part != 255
     assert predicted[where].all() and predicted.mean() < 0.5
     np.testing.assert_array_equal(part[predicted], whole[predicted])  # the blocking does not change the map
+
+
+def test_an_upsampled_network_maps_at_the_input_size_and_survives_its_checkpoint(tmp_path):
+    from geoseg.checkpoint import contract_for, save_checkpoint
+    from geoseg.config import ModelConfig, load_config
+    from geoseg.models import Upsampled, build_model
+
+    mc = ModelConfig(arch="deeplabv3", backbone="mobilenet_v3_large", output_stride=8, tile_size=64, upsample=2)
+    torch.manual_seed(0)
+    model = build_model(mc.arch, mc.backbone, 4, 8, mc.output_stride, upsample=mc.upsample).eval()
+    assert isinstance(model, Upsampled) and model.factor == 2
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 8, 64, 64)
+    contract = contract_for(mc, band_names=["b", "g", "r", "n"], mean=[0.0] * 4, std=[1.0] * 4,
+                            classes=load_config("configs/classes/nlcd8.yaml"))
+    back, loaded = load_checkpoint(save_checkpoint(tmp_path / "u.pt", model, contract))
+    assert loaded.upsample == 2
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), out)

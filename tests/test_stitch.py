@@ -13,7 +13,7 @@ from geoseg.raster import read_window
 from geoseg.stitch import CLASS_NODATA, blend_block, blend_window, seam_counts, seam_index
 from geoseg.tiling import TileGrid, align_block_size, plan_blocks
 
-DEMO_MODEL = DATA / "models" / "nc_landsat_deeplabv3_mobilenetv3.pt"
+DEMO_MODEL = DATA / "models" / "nc_landclass96_deeplabv3_mobilenetv3.pt"
 
 
 def stitch_scene(checkpoint, grid: TileGrid, block_size: int, *, scene=NC_SCENE):

@@ -360,7 +360,7 @@ def _start(config: TrainConfig, out: Path, resume: bool, overwrite: bool, split:
 
     torch.manual_seed(config.seed)
     model = build_model(mc.arch, mc.backbone, len(data.band_names), data.num_classes, mc.output_stride,
-                        mc.pretrained, band_names=data.band_names).to(device)
+                        mc.pretrained, band_names=data.band_names, upsample=mc.upsample).to(device)
     _set_bn_momentum(model, BN_MOMENTUM)
     optimizer = _optimizer(config, model)
     batches = math.ceil(config.tiles_per_epoch / config.batch_size)
