@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 DEMO_SCENE := data/nc-landsat-lulc/lsat7_2000_6band.tif
-DEMO_MODEL := data/models/nc_landsat_deeplabv3_mobilenetv3.pt
+DEMO_MODEL := data/models/nc_landclass96_deeplabv3_mobilenetv3.pt
 DEMO_OUT ?= out/demo
 
 demo: setup
@@ -28,7 +28,7 @@ demo: setup
 
 test: setup
 	bash scripts/install_chromium.sh
-	$(PY) -m ruff check geoseg flows bench tests
+	$(PY) -m ruff check geoseg flows bench tests scripts
 	$(PY) -m pytest
 
 # Local Prefect server + the predict, nightly batch and train deployments (SERVE_ARGS="--checkpoint ...").
@@ -36,7 +36,7 @@ serve: setup
 	$(PY) flows/serve.py $(SERVE_ARGS)
 
 lint: setup
-	$(PY) -m ruff check geoseg flows bench tests
+	$(PY) -m ruff check geoseg flows bench tests scripts
 
 clean:
 	rm -rf $(TMP) out .pytest_cache
