@@ -74,18 +74,21 @@ class Box:
 def context_margin(tile: int, output_stride: int, receptive_field: int | None = None) -> int:
     """Width of the low-context band along a tile's edges.
 
-    ``margin = min(ceil(rf / 2 / os) * os, floor(tile / 4 / os) * os)``: half the receptive field
-    ``rf`` (the reach of padding into the tile), rounded up to the output stride ``os`` so tile
-    offsets stay on the feature grid, and capped at a quarter tile so the stride stays at least half a
-    tile. ``receptive_field=None`` (networks whose field exceeds any tile, e.g. ResNet-50 with ASPP)
-    takes the cap.
+    ``margin = min(ceil(rf / 2 / q) * q, floor(tile / 4 / q) * q)`` with ``q = os / 2``: half the
+    receptive field ``rf`` (the reach of padding into the tile), rounded up to half the output stride
+    ``os``, and capped at a quarter tile so the stride stays at least half a tile.  Tile origins are
+    ``k * (tile - 2 * margin) - tile / 2`` (see the module docstring), so a margin on multiples of
+    ``os / 2`` keeps them on the feature grid when the tile is a multiple of ``2 * os`` (e.g. a 64 px
+    tile at os 32 gets 16 px, not 0).  ``receptive_field=None`` (networks whose field exceeds any
+    tile, e.g. ResNet-50 with ASPP) takes the cap.
     """
     if tile % output_stride:
         raise ValueError(f"tile {tile} is not a multiple of the output stride {output_stride}")
-    cap = (tile // 4) // output_stride * output_stride
+    q = max(output_stride // 2, 1)
+    cap = (tile // 4) // q * q
     if receptive_field is None:
         return cap
-    return min(math.ceil(receptive_field / 2 / output_stride) * output_stride, cap)
+    return min(math.ceil(receptive_field / 2 / q) * q, cap)
 
 
 @dataclass(frozen=True)
