@@ -3,7 +3,7 @@
 # bench/baseline.py) under data/models/ as float16 weights with the contract inside, plus its metrics JSON:
 #   nc_landclass96_deeplabv3_mobilenetv3.pt  the demo model: NC Landsat 7, 6 bands, 7 classes, both scenes
 #   zion_nlcd_deeplabv3_mobilenetv3.pt       Zion Landsat 8, 4 bands, 8 NLCD classes (not yet above its floor)
-# Usage: scripts/train_demo.sh [nc|zion|all] (default all). About 40 min each on a 2-core CPU.
+# Usage: scripts/train_demo.sh [nc|zion|all] (default all). About 40 (nc) and 50 (zion) min on a 2-core CPU.
 # Exits non-zero when a model does not beat its floor by 0.05 macro mIoU and 3 points of pixel accuracy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
