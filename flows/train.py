@@ -19,7 +19,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from geoseg.checkpoint import load_checkpoint
 from geoseg.config import TrainConfig, settings_with_overrides
 from geoseg.train import train as train_model
 from geoseg.train.evaluate import confusion_png
@@ -46,8 +45,9 @@ def _publish(name: str, history: list[dict[str, Any]]) -> None:
     )
 
 
-def _publish_scores(name: str, classes: list[str], val: dict[str, Any] | None, test: dict[str, Any] | None) -> None:
+def _publish_scores(name: str, val: dict[str, Any] | None, test: dict[str, Any] | None) -> None:
     """Per-class IoU/F1 of the best weights on val and test, and the test confusion matrix."""
+    classes = list((test or val or {}).get("iou_by_class", {}))
     def at(part: dict[str, Any] | None, key: str, k: int) -> float | None:
         v = part[key][k] if part else None
         return None if v is None else round(v, 4)
@@ -79,7 +79,7 @@ def train_task(config: TrainConfig, out_dir: str | None, resume: bool) -> dict[s
         _publish(name, history)
 
     result = train_model(config, out_dir=out_dir, progress=progress, resume=resume, overwrite=not resume)
-    _publish_scores(name, list(load_checkpoint(result.best)[1].classes.names), result.val, result.test)
+    _publish_scores(name, result.val, result.test)
     return {"best": str(result.best), "last": str(result.last), "metrics": str(result.metrics_file),
             "test": result.test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
 
