@@ -49,7 +49,8 @@ class ModelContract:
     Attributes:
         arch: ``deeplabv3``, ``fcn``, ``unet`` or ``tiny``.
         backbone: one of ``geoseg.config.BACKBONES[arch]``.
-        output_stride: the DeepLabV3/FCN output stride (8 or 16) the network was built with.
+        output_stride: the DeepLabV3/FCN output stride (8 or 16), or the U-Net depth as a stride
+            (8, 16 or 32), the network was built with.
         tile_size: the tile side the network was trained at, in pixels.
         band_names: the input bands, in the network's channel order.
         mean: per-band mean, applied after ``scale``.
@@ -148,7 +149,7 @@ class ModelContract:
     @property
     def required_stride(self) -> int:
         """The multiple tiles are padded to before the forward (:func:`geoseg.models.required_stride`)."""
-        return required_stride(self.arch)
+        return required_stride(self.arch, self.output_stride)
 
     def normalise(self, data: Array, valid: Array, *, inplace: bool = False) -> Array:
         """Per band ``(data * scale - mean) / std`` in float32, with invalid pixels set to 0.

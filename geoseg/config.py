@@ -42,7 +42,9 @@ class ModelConfig(_Settings):
 
     arch: Arch = "deeplabv3"
     backbone: Backbone = "resnet50"
-    output_stride: Literal[8, 16] = 16
+    output_stride: Literal[8, 16, 32] = Field(
+        16, description="DeepLabV3/FCN: 8 or 16; U-Net: the stride of its deepest stage (32 = five stages)"
+    )
     tile_size: int = Field(640, ge=32, le=4096, description="model tile side in pixels, a multiple of 32")
     upsample: int = Field(1, ge=1, le=4, description="the network runs on each tile enlarged this many times")
     pretrained: bool = False
@@ -59,6 +61,8 @@ class ModelConfig(_Settings):
         allowed = BACKBONES[self.arch]
         if self.backbone not in allowed:
             raise ValueError(f"backbone {self.backbone!r} is not available for {self.arch}; use one of {allowed}")
+        if self.output_stride == 32 and self.arch in ("deeplabv3", "fcn"):
+            raise ValueError(f"output_stride 32 is for unet only; {self.arch} takes 8 or 16")
         return self
 
 

@@ -52,6 +52,9 @@ IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
     "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
 }
 
+#: U-Net encoder depth (stages) for each output stride.
+UNET_DEPTHS: dict[int, int] = {32: 5, 16: 4, 8: 3}
+
 RGB = ("red", "green", "blue")
 
 _TINY_RECEPTIVE_FIELD = 15
@@ -122,7 +125,7 @@ def receptive_field(arch: str) -> int | None:
     return _TINY_RECEPTIVE_FIELD if arch == "tiny" else None
 
 
-def required_stride(arch: str) -> int:
+def required_stride(arch: str, output_stride: int = 32) -> int:
     """The multiple of which a tile's height and width must be (pad the input up to it).
 
     ``required_stride = 2 ** d`` where ``d`` is the number of stride-2 stages of the encoder:
@@ -130,11 +133,14 @@ def required_stride(arch: str) -> int:
     so 32.  Dilation replaces some strides in DeepLabV3/FCN (output stride 16 or 8, which divides
     32), so 32 is always safe there: every feature map is then exactly ``input / 2**k`` and the
     bilinear upsampling lines up with the pixels.  U-Net needs it exactly (its skip connections
-    concatenate the feature maps of all five stages).  The tiny CNN has no stride: 1.  Pass this
-    value as ``output_stride`` to :func:`geoseg.tiling.context_margin`.
+    concatenate the feature maps of all its stages), and its ``output_stride`` is its depth: 32 (five
+    stages), 16 or 8.  The tiny CNN has no stride: 1.  Pass this value as ``output_stride`` to
+    :func:`geoseg.tiling.context_margin`.
     """
     _check_arch(arch)
-    return 1 if arch == "tiny" else 32
+    if arch == "tiny":
+        return 1
+    return output_stride if arch == "unet" else 32
 
 
 def _check_arch(arch: str, backbone: str | None = None) -> None:
@@ -167,8 +173,9 @@ def build_model(
         in_channels: number of input bands.
         num_classes: number of output classes.
         output_stride: 16 or 8 for DeepLabV3 and FCN (dilation replaces the last strides; the
-            ASPP rates follow: 16 → 6/12/18, 8 → 12/24/36).  U-Net (32 with skips) and tiny (1)
-            ignore it.
+            ASPP rates follow: 16 → 6/12/18, 8 → 12/24/36).  For U-Net the stride of its deepest
+            stage: 32 (all five encoder stages), 16 or 8 (the last one or two dropped: fewer
+            parameters, finer context for coarse pixels).  The tiny CNN ignores it.
         pretrained: start the backbone from ImageNet weights (see :data:`IMAGENET_WEIGHTS`),
             read from ``weights_path`` or the torch cache; never downloaded.
         band_names: the input bands in order; with ``pretrained``, bands named red/green/blue keep
@@ -188,6 +195,8 @@ def build_model(
         raise ConfigError(f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
     if arch in ("deeplabv3", "fcn") and output_stride not in ASPP_RATES:
         raise ConfigError(f"output_stride must be 8 or 16 for {arch}, got {output_stride}")
+    if arch == "unet" and output_stride not in UNET_DEPTHS:
+        raise ConfigError(f"output_stride must be 8, 16 or 32 for unet, got {output_stride}")
     if band_names is not None and len(band_names) != in_channels:
         raise ConfigError(f"{len(band_names)} band names given for {in_channels} input channels")
     if arch == "tiny":
@@ -197,7 +206,7 @@ def build_model(
 
     state = _imagenet_state_dict(backbone, weights_path) if pretrained else None
     if arch == "unet":
-        model = _unet(backbone, num_classes, state)
+        model = _unet(backbone, num_classes, output_stride, state)
     elif backbone == "mobilenet_v3_large":
         model = _deeplabv3_mobilenet(num_classes, output_stride, state)
     else:
@@ -244,12 +253,17 @@ def _deeplabv3_mobilenet(num_classes: int, output_stride: int, state: dict | Non
     return SegmentationNet(body, head)
 
 
-def _unet(backbone: str, num_classes: int, state: dict | None) -> nn.Module:
+def _unet(backbone: str, num_classes: int, output_stride: int, state: dict | None) -> nn.Module:
+    """U-Net (smp) on a ResNet, ``UNET_DEPTHS[output_stride]`` stages deep, with smp's decoder widths."""
     import segmentation_models_pytorch as smp
 
-    model = smp.Unet(encoder_name=backbone, encoder_weights=None, in_channels=3, classes=num_classes)
+    depth = UNET_DEPTHS[output_stride]
+    model = smp.Unet(encoder_name=backbone, encoder_weights=None, in_channels=3, classes=num_classes,
+                     encoder_depth=depth, decoder_channels=(256, 128, 64, 32, 16)[5 - depth:])
     if state is not None:
         _load(model.encoder, dict(state), backbone)  # smp's ResNet encoders are torchvision ResNets
+    for layer in ("layer4", "layer3")[: 5 - depth]:  # stages smp builds but a shallower U-Net never runs
+        delattr(model.encoder, layer)
     return model
 
 

@@ -158,13 +158,14 @@ def test_unet_pretrained_loads_the_cached_resnet_and_maps_rgb_bands(torch_home):
     assert path == torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     state = _write_weights(path, torchvision.models.resnet18(weights=None))
 
-    rgb = build_model("unet", "resnet18", 3, 4, pretrained=True)
+    rgb = build_model("unet", "resnet18", 3, 4, output_stride=32, pretrained=True)
     enc = rgb.encoder.state_dict()
     for k, v in state.items():
         if not k.startswith("fc."):
             torch.testing.assert_close(enc[k], v, rtol=0, atol=0)
 
-    four = build_model("unet", "resnet18", 4, 4, pretrained=True, band_names=["nir", "Blue", "red", "green"])
+    four = build_model("unet", "resnet18", 4, 4, output_stride=32, pretrained=True,
+                       band_names=["nir", "Blue", "red", "green"])
     w, w0 = four.encoder.conv1.weight, state["conv1.weight"]
     torch.testing.assert_close(w[:, 1], w0[:, 2], rtol=0, atol=0)
     torch.testing.assert_close(w[:, 2], w0[:, 0], rtol=0, atol=0)
@@ -172,6 +173,26 @@ def test_unet_pretrained_loads_the_cached_resnet_and_maps_rgb_bands(torch_home):
     torch.testing.assert_close(w[:, 0], w0.mean(dim=1), rtol=0, atol=0)
     deep = four.encoder.layer4[1].conv2.weight
     torch.testing.assert_close(deep, state["layer4.1.conv2.weight"], rtol=0, atol=0)
+
+
+def test_unet_output_stride_sets_its_depth_and_drops_the_stages_it_never_runs(torch_home):
+    state = _write_weights(weights_file("resnet18"), torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 4, 64, 96)
+    sizes = {}
+    for os_, gone in [(32, ()), (16, ("layer4",)), (8, ("layer4", "layer3"))]:
+        model = build_model("unet", "resnet18", 4, 3, output_stride=os_, pretrained=True).eval()
+        enc = model.encoder
+        assert [hasattr(enc, name) for name in ("layer3", "layer4")] == [n not in gone for n in ("layer3", "layer4")]
+        torch.testing.assert_close(enc.layer2[1].conv2.weight, state["layer2.1.conv2.weight"], rtol=0, atol=0)
+        with torch.inference_mode():
+            feats = enc(x)
+            assert model(x).shape[-2:] == (64, 96)
+        assert feats[-1].shape[-2:] == (64 // os_, 96 // os_)
+        assert required_stride("unet", os_) == os_
+        sizes[os_] = sum(p.numel() for p in model.parameters())
+    assert sizes[8] < sizes[16] < 0.4 * sizes[32]  # resnet18's layer4 holds most of its weights
+    with pytest.raises(ConfigError, match="8, 16 or 32"):
+        build_model("unet", "resnet18", 4, 3, output_stride=4)
 
 
 def test_deeplab_mobilenet_pretrained_from_an_explicit_file(tmp_path):

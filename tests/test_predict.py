@@ -109,9 +109,11 @@ def test_unet_input_is_padded_to_its_stride_and_cropped_back():
     p = Predictor(model, c, device="cpu").predict_proba(x)
     assert p.shape == (1, 3, 50, 70)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
-    # the same as padding by hand (reflect, split evenly: 50 -> 64 is 7 + 7, 70 -> 96 is 13 + 13)
-    xp = np.pad(x, ((0, 0), (0, 0), (7, 7), (13, 13)), mode="reflect")
-    np.testing.assert_allclose(p, softmax_forward(model, xp)[:, :, 7:57, 13:83], rtol=0, atol=1e-6)
+    # the same as padding by hand to the U-Net's stride 16 (reflect, split evenly: 50 -> 64 is 7 + 7,
+    # 70 -> 80 is 5 + 5)
+    assert c.required_stride == 16
+    xp = np.pad(x, ((0, 0), (0, 0), (7, 7), (5, 5)), mode="reflect")
+    np.testing.assert_allclose(p, softmax_forward(model, xp)[:, :, 7:57, 5:75], rtol=0, atol=1e-6)
 
 
 def test_pad_to_multiple():
