@@ -128,7 +128,7 @@ def run_one(method: str, raster: str, out: str, block_size: int, workers: int | 
             del data, mask
             gdf = gpd.GeoDataFrame({"class_id": values}, geometry=geoms, crs=crs)
             gdf["area_m2"] = gdf.area
-            gdf["perimeter_m"] = gdf.length
+            gdf["perim_m"] = gdf.length
             gdf.to_file(out, driver="GPKG", engine="pyogrio")
             polygons = len(gdf)
     return {"method": method, "import_s": t1 - t0, "seconds": time.perf_counter() - t1, "polygons": polygons}

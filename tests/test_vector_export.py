@@ -15,7 +15,8 @@ from pyproj import CRS
 
 from geoseg.errors import GeosegError, OutputExistsError, VectorExportError
 from geoseg.vector import vectorize
-from geoseg.vector.writer import SHAPEFILE_FIELDS, VectorWriter, infer_driver
+from geoseg.vector.attributes import FIELDS
+from geoseg.vector.writer import VectorWriter, infer_driver
 
 FORMATS = ["o.gpkg", "o.shp", "o.parquet"]
 
@@ -28,7 +29,7 @@ def batch(start: int, n: int, crs: str = "EPSG:32633") -> gpd.GeoDataFrame:
             "class_id": (ids % 5).astype("int32"),
             "class_name": [f"clåss {i % 5}" for i in ids],
             "area_m2": [g.area for g in geoms],
-            "perimeter_m": [g.length for g in geoms],
+            "perim_m": [g.length for g in geoms],
         },
         geometry=geoms,
         crs=crs,
@@ -56,10 +57,9 @@ def test_batches_read_back_with_crs_and_fields(tmp_path, name):
     want = gpd.GeoDataFrame(pd_concat(parts), crs="EPSG:32633")
     assert got.crs == CRS.from_epsg(32633)
     assert canon(got.geometry) == canon(want.geometry)
-    perim = SHAPEFILE_FIELDS["perimeter_m"] if name.endswith(".shp") else "perimeter_m"
-    assert list(got.columns) == ["class_id", "class_name", "area_m2", perim, "geometry"]
+    assert list(got.columns) == ["class_id", "class_name", "area_m2", "perim_m", "geometry"]
     assert sorted(got.class_name) == sorted(want.class_name)
-    assert np.allclose(sorted(got[perim]), sorted(want.perimeter_m))
+    assert np.allclose(sorted(got.perim_m), sorted(want.perim_m))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected_files(name))
 
 
@@ -71,7 +71,7 @@ def pd_concat(parts):
 
 def expected_files(name: str) -> list[str]:
     if name.endswith(".shp"):
-        return [f"o{ext}" for ext in (".shp", ".shx", ".dbf", ".prj", ".cpg")]
+        return [f"o{ext}" for ext in (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix")]
     return [name]
 
 
@@ -110,7 +110,7 @@ def test_existing_output_refused_then_replaced(tmp_path, name):
     path = tmp_path / name
     with VectorWriter(path, crs="EPSG:32633") as w:
         w.write(batch(0, 2))
-    stale = tmp_path / "o.qix"
+    stale = tmp_path / "o.sbn"  # an ArcGIS index the new file does not have
     if name.endswith(".shp"):
         stale.write_bytes(b"old index")
     with pytest.raises(OutputExistsError, match="overwrite") as info:
@@ -121,6 +121,8 @@ def test_existing_output_refused_then_replaced(tmp_path, name):
     assert len(read(path)) == 5
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected_files(name))
+    if name.endswith(".shp"):  # the spatial index is the new file's: 5 features in one QIX tree
+        assert (tmp_path / "o.qix").read_bytes()[:3] == b"SQT"
 
 
 @pytest.mark.parametrize("name", ["o.gpkg", "o.shp"])
@@ -191,12 +193,12 @@ def test_vectorize_writes_the_same_features_in_every_format(tmp_path):
         summary = vectorize(src, tmp_path / name, confidence=cpath, block_size=8, workers=1)
         got = read(summary.path)
         assert got.crs == CRS.from_epsg(32633) and len(got) == summary.polygons
-        got = got.rename(columns={"perim_m": "perimeter_m"})
+        assert list(got.columns) == [*FIELDS, "geometry"]
         got["key"] = canon_each(got.geometry)
         frames.append(got.sort_values("key").reset_index(drop=True))
     for other in frames[1:]:
         assert list(other.key) == list(frames[0].key)
-        for col in ("class_id", "area_m2", "perimeter_m", "mean_conf"):
+        for col in ("class_id", "area_m2", "perim_m", "mean_conf"):
             assert np.allclose(other[col], frames[0][col])
         assert list(other.class_name) == list(frames[0].class_name)
 

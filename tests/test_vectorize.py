@@ -114,7 +114,7 @@ def test_polygons_equal_whole_raster_shapes(tmp_path, blobs, block_size):
         assert got.area_m2[got.class_id == k].sum() == pytest.approx(pixels * 100.0, rel=1e-6)
         assert summary.area_m2[int(k)] == pytest.approx(pixels * 100.0, rel=1e-6)
     assert (got.class_name == got.class_id.astype(str)).all()
-    assert np.allclose(got.perimeter_m, got.length) and np.allclose(got.area_m2, got.area)
+    assert np.allclose(got.perim_m, got.length) and np.allclose(got.area_m2, got.area)
 
 
 def test_worker_processes_give_the_same_polygons(tmp_path, blobs):
@@ -237,7 +237,7 @@ def test_geographic_areas_are_geodesic(tmp_path):
     cell_area, cell_perim = geod.polygon_area_perimeter([x0, x1, x1, x0], [y0, y0, y1, y1])
     pixel = got[got.class_id == 2].iloc[0]
     assert pixel.area_m2 == pytest.approx(abs(cell_area), rel=1e-9)
-    assert pixel.perimeter_m == pytest.approx(cell_perim, rel=1e-9)
+    assert pixel.perim_m == pytest.approx(cell_perim, rel=1e-9)
     assert 8000 < pixel.area_m2 < 9000  # ~111 m x 79 m at 45° N, not square degrees
     rest = got[got.class_id == 1].iloc[0]
     box = shapely.Polygon(
@@ -246,7 +246,7 @@ def test_geographic_areas_are_geodesic(tmp_path):
     )
     area, shell_perim = geod.geometry_area_perimeter(shapely.orient_polygons(box))
     assert rest.area_m2 == pytest.approx(abs(area), rel=1e-9)
-    assert rest.perimeter_m == pytest.approx(shell_perim + cell_perim, rel=1e-9)  # the hole's edge counts too
+    assert rest.perim_m == pytest.approx(shell_perim + cell_perim, rel=1e-9)  # the hole's edge counts too
 
 
 def test_geographic_sieve_is_block_invariant(tmp_path):
@@ -313,7 +313,7 @@ def test_raster_nodata_value_and_all_nodata(tmp_path):
     summary = vectorize(write_geotiff(tmp_path / "e.tif", empty), tmp_path / "e.gpkg", workers=1)
     got = gpd.read_file(summary.path)
     assert summary.polygons == 0 and len(got) == 0
-    assert {"class_id", "class_name", "area_m2", "perimeter_m"} <= set(got.columns)
+    assert {"class_id", "class_name", "area_m2", "perim_m"} <= set(got.columns)
 
 
 def test_progress_reports_every_block(tmp_path, blobs):
@@ -475,4 +475,4 @@ def test_long_rings_are_handled_in_chunks(tmp_path, blobs, monkeypatch):
     got = gpd.read_file(vectorize(path, tmp_path / "b.gpkg", block_size=16, workers=1).path)
     assert canon(got.geometry) == canon(whole.geometry)
     assert np.allclose(np.sort(got.area_m2), np.sort(whole.area_m2))
-    assert np.allclose(np.sort(got.perimeter_m), np.sort(whole.perimeter_m))
+    assert np.allclose(np.sort(got.perim_m), np.sort(whole.perim_m))

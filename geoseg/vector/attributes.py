@@ -14,7 +14,7 @@ FIELDS = {
     "class_id": "int32",
     "class_name": "string",
     "area_m2": "float64",
-    "perimeter_m": "float64",
+    "perim_m": "float64",
     "mean_conf": "float64",
 }
 
@@ -44,7 +44,7 @@ def attribute_table(
         "class_id": _numbers(cls, np.int32),
         "class_name": class_names(names, cls),
         "area_m2": _numbers(area, np.float64),
-        "perimeter_m": _numbers(perimeter, np.float64),
+        "perim_m": _numbers(perimeter, np.float64),
     }
     if mean_conf:
         with np.errstate(invalid="ignore", divide="ignore"):

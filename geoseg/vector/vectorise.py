@@ -123,8 +123,9 @@ def vectorize(
 
     Returns:
         A :class:`VectorizeSummary`. Fields written: ``class_id``, ``class_name``, ``area_m2`` and
-        ``perimeter_m`` (shell and holes; geodesic on WGS84 for a geographic CRS, else planar in metres),
-        ``mean_conf`` (with ``confidence``). Shapefile field names: ``perim_m``.
+        ``perim_m`` (shell and holes; geodesic on WGS84 for a geographic CRS, else planar in metres),
+        ``mean_conf`` (with ``confidence``): the same names in every format (none passes the
+        Shapefile's 10 characters).
 
     Raises:
         SceneNotFoundError: an input does not exist.

@@ -41,8 +41,8 @@ DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".parquet": "Parquet", ".g
 _SUFFIX = {"GPKG": ".gpkg", "ESRI Shapefile": ".shp", "Parquet": ".parquet"}
 #: Largest .shp or .dbf GDAL writes by default (2 GB).
 SHAPEFILE_MAX_BYTES = 2 * 1024**3
-#: Shapefile (dBASE) field names hold at most 10 characters; these long names get a short one.
-SHAPEFILE_FIELDS = {"perimeter_m": "perim_m"}
+#: Shapefile (dBASE) field names hold at most 10 characters; longer names are cut (geoseg's own fit).
+SHAPEFILE_NAME_CHARS = 10
 _SHAPEFILE_SIDECARS = (".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")
 #: dBASE field widths GDAL uses by default, to estimate .dbf size before the first batch.
 _DBF_WIDTH = {
@@ -269,6 +269,7 @@ class VectorWriter:
                 geometry_name=GEOMETRY,
                 geometry_type=self.geometry_type,
                 crs=self.crs.to_wkt(),
+                layer_options={"SPATIAL_INDEX": "YES"} if shapefile else None,  # the .qix QGIS reads
             )
         except BaseException as err:  # noqa: BLE001  (handed to the caller's thread)
             self._error = err
@@ -374,7 +375,7 @@ def _to_table(batch: gpd.GeoDataFrame | pa.Table) -> pa.Table:
 
 
 def _shapefile_names(names: list[str], path: Path) -> list[str]:
-    out = [n if n == GEOMETRY else SHAPEFILE_FIELDS.get(n, n[:10]) for n in names]
+    out = [n if n == GEOMETRY else n[:SHAPEFILE_NAME_CHARS] for n in names]
     if len(set(out)) != len(out):
         raise VectorExportError(
             f"{path}: field names {names} do not stay distinct when cut to the Shapefile's 10 characters. "
