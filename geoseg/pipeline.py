@@ -206,8 +206,8 @@ def prepare_outputs(plan: RunPlan) -> bool:
     ensure_folder(plan.out_dir)
     return prepare_store(
         plan.store, plan.fingerprint, overwrite=plan.overwrite, scene=plan.scene, block_size=plan.block_size,
-        layout=block_layout(plan.grid, plan.block_size), class_ids=plan.contract.classes.ids,
-        class_names=plan.contract.classes.names, probabilities=plan.config.probabilities,
+        layout=block_layout(plan.grid, plan.block_size),
+        classes=plan.contract.classes, probabilities=plan.config.probabilities,
     )
 
 

@@ -95,6 +95,22 @@ def pixel_areas_m2(crs: CRS, transform: Affine, height: int) -> np.ndarray:
     return np.abs(np.diff(q)) * b * b / 2 * abs(np.radians(transform.a))
 
 
+def identified_crs(crs: CRS) -> CRS:
+    """``crs``, or the EPSG CRS it is an unnamed equivalent of (so outputs carry a named CRS).
+
+    Many GeoTIFFs store a custom WKT ("unnamed", datum "unknown") that is the same CRS as an EPSG
+    code; QGIS, GeoPackage and ``.prj`` readers then show a custom CRS.  The EPSG CRS is taken only
+    when PROJ identifies it and GDAL finds the two the same (same projection, datum and units).
+    """
+    if crs.to_authority(confidence_threshold=100) is not None:
+        return crs
+    code = crs.to_epsg()
+    if code is None:
+        return crs
+    named = CRS.from_epsg(code)
+    return named if named == crs else crs
+
+
 def _fail(path: Path, what: str, fix: str) -> InvalidSceneError:
     return InvalidSceneError(f"{path}: {what}. {fix}")
 
@@ -138,7 +154,7 @@ def open_scene(path: str | Path) -> SceneInfo:
             height=src.height,
             count=src.count,
             dtype=src.dtypes[0],
-            crs=src.crs,
+            crs=identified_crs(src.crs),
             transform=t,
             nodata=src.nodata,
             band_names=tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions)),

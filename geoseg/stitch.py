@@ -23,6 +23,8 @@ from geoseg.tiling import Block, Box
 
 #: Class id written where the input was invalid (nodata, masked, NaN) in the class map.
 CLASS_NODATA = 255
+#: Confidence written where the input was invalid (no class has any probability there).
+CONFIDENCE_NODATA = 0.0
 #: Weight at a tile's very edge: small but positive, so pixels at the scene edge stay defined.
 EDGE_WEIGHT = 1e-3
 

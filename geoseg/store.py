@@ -2,11 +2,17 @@
 
 Layout (one xarray Dataset, chunks = block cores, so no two blocks write the same chunk)::
 
-    class_id     (y, x)        uint8    class id per pixel, 255 where the input was invalid
-    confidence   (y, x)        float32  blended max probability, 0 where invalid
+    class_id     (y, x)        uint8    class id per pixel, fill value (nodata) 255 where the input was invalid
+    confidence   (y, x)        float32  blended max probability, fill value (nodata) 0 where invalid
     probability  (class, y, x) float32  blended per-class probabilities (optional)
     block_done   (block_row, block_col) uint8  1 once a block's core is fully written
     spatial_ref                         CRS and GeoTransform (rioxarray / CF grid mapping)
+
+It is Zarr format 2 with zlib-compressed chunks and consolidated metadata, so that xarray opens it
+without warnings, rioxarray finds the CRS with default decoding (each variable lists ``spatial_ref``
+in its ``coordinates``), and GDAL's Zarr driver (3.4 and newer) reads it as a raster with CRS
+(GDAL's ``_CRS`` attribute), geotransform (from ``x``/``y``) and the same nodata as the COGs:
+``ZARR:"prediction.zarr":/class_id``.  The class schema is kept in the attributes (``class_schema``).
 
 A block writes its data first and its ``block_done`` flag last, so a crash leaves the block undone
 and a resumed run redoes it. The run's fingerprint (inputs and settings) is kept in the attributes;
@@ -16,22 +22,27 @@ resuming into a store made with another fingerprint is refused.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import dask.array as da
+import numcodecs
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
 from geoseg.atomic import write_error
+from geoseg.config import ClassSchema
 from geoseg.errors import OutputExistsError
+from geoseg.export.legend import STORE_ATTR
 from geoseg.raster import SceneInfo
-from geoseg.stitch import CLASS_NODATA, BlockResult
+from geoseg.stitch import CLASS_NODATA, CONFIDENCE_NODATA, BlockResult
 from geoseg.tiling import Block, Box
 
 FINGERPRINT_ATTR = "geoseg_fingerprint"
+#: Chunk compression GDAL's Zarr driver and every zarr-python read.
+_COMPRESSOR = numcodecs.Zlib(level=6)
 
 
 def create_store(
@@ -40,8 +51,7 @@ def create_store(
     *,
     block_size: int,
     layout: tuple[int, int],
-    class_ids: Sequence[int],
-    class_names: Sequence[str],
+    classes: ClassSchema,
     probabilities: bool,
     fingerprint: str,
 ) -> None:
@@ -55,7 +65,7 @@ def create_store(
         "block_done": (("block_row", "block_col"), da.zeros(layout, dtype=np.uint8, chunks=(1, 1))),
     }
     if probabilities:
-        k = len(class_ids)
+        k = len(classes.ids)
         data_vars["probability"] = (
             ("class", "y", "x"), da.zeros((k, h, w), dtype=np.float32, chunks=(k, *chunks)),
         )
@@ -64,17 +74,26 @@ def create_store(
         coords={
             "y": t.f + (np.arange(h) + 0.5) * t.e,
             "x": t.c + (np.arange(w) + 0.5) * t.a,
-            "class": np.asarray(class_ids, dtype=np.uint8),
+            "class": np.asarray(classes.ids, dtype=np.uint8),
         },
-        attrs={FINGERPRINT_ATTR: fingerprint, "block_size": block_size, "class_names": list(class_names)},
+        attrs={FINGERPRINT_ATTR: fingerprint, "block_size": block_size,
+               STORE_ATTR: classes.model_dump(mode="json")},
     )
-    ds["class_id"].attrs.update(nodata=CLASS_NODATA, long_name="land-cover class id")
+    ds["class_id"].attrs.update(long_name="land-cover class id")
     ds["confidence"].attrs.update(long_name="blended maximum class probability")
     ds = ds.rio.write_crs(scene.crs).rio.write_transform(t)
+    fill = {"class_id": CLASS_NODATA, "confidence": CONFIDENCE_NODATA, "probability": CONFIDENCE_NODATA}
+    encoding = {}
+    for name in ds.data_vars:
+        encoding[name] = {"compressors": [_COMPRESSOR]}
+        if name in fill:
+            ds[name].attrs.update(grid_mapping="spatial_ref", _CRS={"wkt": scene.crs.to_wkt()})
+            ds[name].encoding["coordinates"] = "spatial_ref"
+            encoding[name]["_FillValue"] = fill[name]
     try:
         if path.exists():
             shutil.rmtree(path)
-        ds.to_zarr(path, mode="w", compute=False, consolidated=False)
+        ds.to_zarr(path, mode="w", compute=False, consolidated=True, zarr_format=2, encoding=encoding)
     except OSError as err:
         raise write_error(path, err) from err
 
@@ -142,5 +161,4 @@ def iter_chunks(path: Path, name: str) -> Iterator[tuple[Box, np.ndarray]]:
 
 def open_store(path: Path) -> xr.Dataset:
     """Open the store lazily as an xarray Dataset with its CRS and transform attached."""
-    ds = xr.open_zarr(path, consolidated=False, mask_and_scale=False)
-    return ds.set_coords("spatial_ref")
+    return xr.open_zarr(path, mask_and_scale=False)

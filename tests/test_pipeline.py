@@ -159,7 +159,10 @@ def test_vectorise_stage_writes_polygons_matching_the_class_map(tiny_checkpoint,
     cfg = PredictConfig(block_size=128, vectorize=True)
     result = predict_raster(NC_SCENE, tiny_checkpoint, tmp_path, config=cfg)
     polygons = gpd.read_file(result.outputs["polygons"])
-    assert polygons.crs == rasterio.open(NC_SCENE).crs and polygons.is_valid.all()
+    # the scene's unnamed WKT is EPSG:32119: the polygons carry the EPSG-named CRS
+    assert polygons.crs.to_epsg() == 32119 and polygons.crs.name == "NAD83 / North Carolina"
+    assert rasterio.crs.CRS.from_wkt(polygons.crs.to_wkt()) == rasterio.open(NC_SCENE).crs
+    assert polygons.is_valid.all()
     for area in result.class_areas:
         got = polygons.loc[polygons.class_id == area["class_id"], "area_m2"].sum()
         assert got == pytest.approx(area["area_km2"] * 1e6, rel=1e-6)

@@ -9,7 +9,6 @@ with mode resampling. Each output is written under a ``.partial`` name and renam
 from __future__ import annotations
 
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import rasterio
 import rasterio.shutil
@@ -20,8 +19,9 @@ from rasterio.windows import Window
 from geoseg.atomic import atomic_write, partial_path, room_for, write_error
 from geoseg.config import ClassSchema
 from geoseg.errors import OutputWriteError
+from geoseg.export.legend import band_tags, pam_xml, qgis_style, style_path
 from geoseg.raster import gdal_env
-from geoseg.stitch import CLASS_NODATA
+from geoseg.stitch import CLASS_NODATA, CONFIDENCE_NODATA
 from geoseg.store import iter_chunks, open_store
 
 COG_OPTIONS = {"COMPRESS": "DEFLATE", "BLOCKSIZE": 512, "OVERVIEWS": "IGNORE_EXISTING", "BIGTIFF": "IF_SAFER"}
@@ -29,24 +29,13 @@ COG_OPTIONS = {"COMPRESS": "DEFLATE", "BLOCKSIZE": 512, "OVERVIEWS": "IGNORE_EXI
 _GDAL_ERRORS = (OSError, RasterioError, CPLE_BaseError)
 
 
-def _aux(path: Path) -> list[Path]:
-    """The PAM sidecar of a GeoTIFF (class names)."""
-    return [Path(str(path) + ".aux.xml")]
-
-
-def _category_xml(classes: ClassSchema) -> str:
-    names = [""] * (max(classes.ids) + 1)
-    for c in classes.classes:
-        names[c.id] = c.name
-    cats = "".join(f"<Category>{escape(n)}</Category>" for n in names)
-    return (
-        "<PAMDataset>\n  <PAMRasterBand band=\"1\">\n"
-        f"    <CategoryNames>{cats}</CategoryNames>\n  </PAMRasterBand>\n</PAMDataset>\n"
-    )
+def _sidecars(path: Path) -> list[Path]:
+    """The files beside a GeoTIFF: its PAM ``.aux.xml`` and its QGIS style."""
+    return [Path(str(path) + ".aux.xml"), style_path(path)]
 
 
 def _store_to_cog(store: Path, name: str, out: Path, *, nodata: float, resampling: str,
-                  classes: ClassSchema | None, overwrite: bool) -> Path:
+                  classes: ClassSchema | None, overwrite: bool, predictor: int) -> Path:
     ds = open_store(store)
     var = ds[name]
     profile = {
@@ -56,37 +45,40 @@ def _store_to_cog(store: Path, name: str, out: Path, *, nodata: float, resamplin
     }
     staging = partial_path(out)
     try:
-        with atomic_write(out, overwrite=overwrite, sidecars=_aux) as partial, gdal_env():
+        with atomic_write(out, overwrite=overwrite, sidecars=_sidecars) as partial, gdal_env():
             with rasterio.open(staging, "w", **profile) as dst:
                 for box, values in iter_chunks(store, name):
                     dst.write(values, 1, window=Window(box.x0, box.y0, box.width, box.height))
                 if classes is not None:
                     dst.write_colormap(1, {c.id: (*c.rgb, 255) for c in classes.classes})
-                    dst.update_tags(1, **{f"CLASS_{c.id}": c.name for c in classes.classes})
+                    dst.update_tags(1, **band_tags(classes))
                     dst.set_band_description(1, "class_id")
                 else:
                     dst.set_band_description(1, name)
-            rasterio.shutil.copy(staging, partial, driver="COG", RESAMPLING=resampling, **COG_OPTIONS)
+            rasterio.shutil.copy(staging, partial, driver="COG", RESAMPLING=resampling, PREDICTOR=predictor,
+                                 **COG_OPTIONS)
             if classes is not None:
-                _aux(partial)[0].write_text(_category_xml(classes))
+                aux, qml = _sidecars(partial)
+                aux.write_text(pam_xml(classes))
+                qml.write_text(qgis_style(classes, int(nodata)))
     except _GDAL_ERRORS as err:
         if isinstance(err, OutputWriteError):
             raise
         # GDAL meets a full disk while it flushes blocks and reports it late, as a broken file: ask the disk
         raise write_error(out, room_for(out.parent, var.size * var.dtype.itemsize) or err) from err
     finally:
-        for leftover in (staging, *_aux(staging)):
+        for leftover in (staging, *_sidecars(staging)):
             leftover.unlink(missing_ok=True)
     return out
 
 
 def write_class_cog(store: Path, out: Path, classes: ClassSchema, *, overwrite: bool = False) -> Path:
-    """Write the class map COG (uint8, colour table, class names, mode overviews)."""
+    """Write the class map COG (uint8, colour table, class names, mode overviews) and its legend files."""
     return _store_to_cog(store, "class_id", out, nodata=CLASS_NODATA, resampling="MODE", classes=classes,
-                         overwrite=overwrite)
+                         overwrite=overwrite, predictor=2)
 
 
 def write_confidence_cog(store: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """Write the confidence COG (float32 max probability, 0 = nodata, average overviews)."""
-    return _store_to_cog(store, "confidence", out, nodata=0.0, resampling="AVERAGE", classes=None,
-                         overwrite=overwrite)
+    """Write the confidence COG (float32 max probability, 0 = nodata, average overviews, predictor 3)."""
+    return _store_to_cog(store, "confidence", out, nodata=CONFIDENCE_NODATA, resampling="AVERAGE", classes=None,
+                         overwrite=overwrite, predictor=3)

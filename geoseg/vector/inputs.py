@@ -22,7 +22,9 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geoseg.atomic import write_bytes
+from geoseg.config import ClassSchema
 from geoseg.errors import InvalidSceneError, SceneNotFoundError
+from geoseg.export.legend import classes_from_cog, classes_from_store
 from geoseg.raster import open_scene
 from geoseg.tiling import Box
 
@@ -136,6 +138,16 @@ def read_pixels(src: Source, box: Box) -> tuple[np.ndarray, np.ndarray]:
 def write_pixels(src: Source, box: Box, values: np.ndarray) -> None:
     """Store the pixels of ``box`` in a ``"blocks"`` source (written whole, then renamed)."""
     write_bytes(Path(src.path) / f"{box.y0}_{box.x0}.z", zlib.compress(np.ascontiguousarray(values).tobytes(), 1))
+
+
+def embedded_classes(path: str | Path) -> ClassSchema | None:
+    """The class schema a class map carries, or None.
+
+    A geoseg COG carries class tags and a colour table, a predict store its attributes.  Call it on
+    a raster :func:`open_class_raster` has accepted.
+    """
+    path = Path(path)
+    return classes_from_store(path) if _is_zarr(path) else classes_from_cog(path)
 
 
 def _is_zarr(path: Path) -> bool:

@@ -36,7 +36,15 @@ from geoseg.tiling import partition
 from geoseg.vector.attributes import FIELDS, attribute_table
 from geoseg.vector.blocks import BlockOut, PolygonJob, map_blocks
 from geoseg.vector.borders import BorderMerger, PieceStore
-from geoseg.vector.inputs import Grid, Source, open_class_raster, open_confidence, read_pixels, reset_handles
+from geoseg.vector.inputs import (
+    Grid,
+    Source,
+    embedded_classes,
+    open_class_raster,
+    open_confidence,
+    read_pixels,
+    reset_handles,
+)
 from geoseg.vector.sieve import MAX_SIEVE_ROUNDS, sieve
 from geoseg.vector.writer import VectorWriter, infer_driver
 
@@ -94,7 +102,8 @@ def vectorize(
         class_raster: a one-band integer GeoTIFF/COG, or a Zarr store with a ``class_id`` (y, x)
             variable and a rioxarray CRS (as the predict stage writes it).
         out: output file; ``.gpkg`` (GeoPackage, the default), ``.shp`` or ``.parquet`` (GeoParquet).
-        classes: class schema giving ``class_name``; without it the name is the id as text.
+        classes: class schema giving ``class_name``; by default the one the class map carries (a geoseg
+            COG's class tags, a predict store's attributes), else the name is the id as text.
         block_size: pixels per block side; memory grows with its square, the result does not change.
         min_area: minimum mapping unit in m². A region whose area is below it is *small*. In each
             round every small region that touches a region of at least ``min_area`` takes the class
@@ -144,6 +153,7 @@ def vectorize(
             )
     infer_driver(out, driver)
     source, grid = open_class_raster(class_raster, ignore=classes.ignore_index if classes else 255)
+    classes = classes or embedded_classes(class_raster)
     conf = open_confidence(confidence, grid) if confidence is not None else None
     names = {c.id: c.name for c in classes.classes} if classes else {}
     fields = {k: v for k, v in FIELDS.items() if k != "mean_conf" or conf is not None}
