@@ -61,11 +61,11 @@ from geoseg.inbox import (
 )
 
 try:
-    from flows.predict import predict
+    from flows.predict import predict, quicklook_markdown
     from flows.serve import prefect_api
 except ModuleNotFoundError:  # loaded by path (python flows/batch.py, a Prefect entrypoint)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from flows.predict import predict
+    from flows.predict import predict, quicklook_markdown
     from flows.serve import prefect_api
 
 
@@ -114,6 +114,11 @@ def report_task(rows: list[dict[str, Any]], out_root: str) -> str:
     )
     markdown = report_markdown(rows, out_root=out_root, ui_url=PREFECT_UI_URL.value())
     create_markdown_artifact(key="batch-report", markdown=markdown, description="Outcome of this batch")
+    looks = [quicklook_markdown(Path(r["scene"]).name, Path(r["outputs"]["quicklook"]), level=2)
+             for r in rows if r["status"] == "processed" and "quicklook" in (r.get("outputs") or {})]
+    if looks:
+        create_markdown_artifact(key="batch-quicklooks", markdown="# Quick-looks\n\n" + "\n".join(looks),
+                                 description="Input and class map of every scene processed in this batch")
     return markdown
 
 

@@ -38,6 +38,7 @@ from geoseg.cluster import cluster_for
 from geoseg.command import run_command, setup_logging
 from geoseg.config import PredictConfig, settings_with_overrides
 from geoseg.errors import GeosegError
+from geoseg.export.quicklook import png_data_uri
 from geoseg.pipeline import (
     RunPlan,
     RunResult,
@@ -96,8 +97,19 @@ def blocks_task(plan: RunPlan, client: Client | None) -> tuple[int, int]:
 
 @task(name="finalise", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_io_only, cache_policy=NO_CACHE)
 def finalise_task(plan: RunPlan) -> dict[str, str]:
-    """Write the class and confidence COGs."""
-    return finalise(plan, overwrite=True)
+    """Write the class and confidence COGs and the quick-look, which is published as an artifact."""
+    outputs = finalise(plan, overwrite=True)
+    create_markdown_artifact(
+        key="quicklook",
+        markdown=quicklook_markdown(plan.scene.path.name, Path(outputs["quicklook"])),
+        description=f"Quick-look of {plan.scene.path.name}: input and class map",
+    )
+    return outputs
+
+
+def quicklook_markdown(scene: str, png: Path, level: int = 1) -> str:
+    """Markdown showing a run's quick-look PNG (embedded: the UI needs no access to the files)."""
+    return f"{'#' * level} {scene}\n\n![quick-look of {scene}]({png_data_uri(png.read_bytes())})\n\n`{png}`\n"
 
 
 @task(name="class-areas", cache_policy=NO_CACHE)

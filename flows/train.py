@@ -20,9 +20,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from geoseg.config import TrainConfig, settings_with_overrides
+from geoseg.export.quicklook import png_data_uri
 from geoseg.train import train as train_model
 from geoseg.train.evaluate import confusion_png
-from geoseg.train.metrics import curves_png, png_data_uri
+from geoseg.train.metrics import curves_png
 
 
 def _publish(name: str, history: list[dict[str, Any]]) -> None:

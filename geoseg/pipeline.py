@@ -8,8 +8,11 @@ the blocks and then the polygons. What a worker does with its blocks is :mod:`ge
 
 Output folder::
 
-    <stem>_classes.tif        class map COG (colour table, class names, mode overviews)
-    <stem>_confidence.tif     confidence COG (max blended probability)
+    <stem>_classes.tif        class map COG (colour table, class names, mode overviews), nodata 255
+    <stem>_classes.tif.aux.xml  its category names and raster attribute table (GDAL PAM)
+    <stem>_classes.qml        its QGIS style: a legend of exactly the model's classes
+    <stem>_confidence.tif     confidence COG (max blended probability), nodata 0
+    <stem>_quicklook.png      input in natural colours beside the class map, with the legend
     <stem>_polygons.gpkg      polygons (when vectorise is on; .shp / .parquet by setting)
     prediction.zarr           the Zarr store blocks write into (resumable)
     summary.json              inputs, settings, checkpoint hash, timings, class areas
@@ -35,12 +38,14 @@ import numpy as np
 from distributed import Client, as_completed
 
 import geoseg
-from geoseg.atomic import ensure_folder, write_error, write_text
+from geoseg.atomic import ensure_folder, write_bytes, write_error, write_text
 from geoseg.checkpoint import ModelContract, check_scene, file_sha256, load_checkpoint
 from geoseg.cluster import GPU_RESOURCE, cluster_for, gpu_workers
 from geoseg.config import PredictConfig
 from geoseg.errors import BandMismatchError, OutputExistsError
 from geoseg.export.cog import write_class_cog, write_confidence_cog
+from geoseg.export.legend import style_path
+from geoseg.export.quicklook import quicklook_png
 from geoseg.predict import resolve_device
 from geoseg.raster import SceneInfo, open_scene, pixel_areas_m2, require_valid_pixels, resolve_bands
 from geoseg.runlock import check_unlocked, run_lock
@@ -83,6 +88,11 @@ class RunPlan:
     def confidence_map(self) -> Path:
         """The confidence COG."""
         return self.out_dir / f"{self.scene.path.stem}_confidence.tif"
+
+    @property
+    def quicklook(self) -> Path:
+        """The quick-look PNG (input beside the class map, with the legend)."""
+        return self.out_dir / f"{self.scene.path.stem}_quicklook.png"
 
     @property
     def polygons(self) -> Path:
@@ -263,7 +273,11 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
 
 
 def finalise(plan: RunPlan, *, overwrite: bool = False) -> dict[str, str]:
-    """Write the class and confidence COGs from the store, side by side (GDAL releases the GIL)."""
+    """Write the class and confidence COGs from the store, then the quick-look PNG.
+
+    The COGs are written side by side (GDAL releases the GIL); the quick-look reads the class map's
+    overviews.
+    """
     with ThreadPoolExecutor(2, thread_name_prefix="geoseg-cog") as pool:
         cogs = [
             pool.submit(write_class_cog, plan.store, plan.class_map, plan.contract.classes, overwrite=overwrite),
@@ -271,7 +285,9 @@ def finalise(plan: RunPlan, *, overwrite: bool = False) -> dict[str, str]:
         ]
         for cog in cogs:
             cog.result()
-    return {"class_map": str(plan.class_map), "confidence": str(plan.confidence_map), "store": str(plan.store)}
+    write_bytes(plan.quicklook, quicklook_png(plan.scene.path, plan.class_map, plan.contract.classes))
+    return {"class_map": str(plan.class_map), "class_style": str(style_path(plan.class_map)),
+            "confidence": str(plan.confidence_map), "quicklook": str(plan.quicklook), "store": str(plan.store)}
 
 
 def class_areas(plan: RunPlan) -> list[dict[str, Any]]:

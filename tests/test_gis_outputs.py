@@ -6,6 +6,7 @@ raster attribute table it found); the COG layout is checked with rio-cogeo's por
 ``validate_cloud_optimized_geotiff.py``.
 """
 
+import io
 import json
 import sqlite3
 import warnings
@@ -13,8 +14,10 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pyogrio
+import pytest
 import rasterio
 import rasterio.shutil
+from conftest import write_geotiff
 from processes import cli, run
 from rio_cogeo.cogeo import cog_validate
 
@@ -113,3 +116,47 @@ def test_vectorize_takes_names_from_the_class_map_and_indexes_shapefiles(undistu
         assert set(table.class_name) <= set(CLASSES.names) and len(set(table.class_name)) >= 3
         names = dict(zip(CLASSES.ids, CLASSES.names, strict=True))
         assert (table.class_name == table.class_id.map(names)).all()
+
+
+def test_quicklook_shows_the_class_map_in_its_colours_with_nodata_transparent(undisturbed):
+    from PIL import Image
+
+    png = np.asarray(Image.open(undisturbed / f"{STEM}_quicklook.png"))
+    assert png.ndim == 3 and png.shape[2] == 4 and png.shape[1] == 900
+    with rasterio.open(undisturbed / f"{STEM}_classes.tif") as src:
+        ids = src.read(1)
+    valid = ids != 255
+    # the class map panel (right half, above the legend): each class's share of the picture's
+    # coloured pixels follows its share of the map
+    panel = png[: int(png.shape[0] * 0.85), png.shape[1] // 2 :]
+    opaque = panel[..., 3] == 255
+    colours = {c.id: c.rgb for c in CLASSES.classes}
+    shown = {i: int((opaque & np.all(panel[..., :3] == rgb, axis=-1)).sum()) for i, rgb in colours.items()}
+    total = sum(shown.values())
+    assert total > 0.8 * opaque.sum()
+    for i in colours:
+        assert shown[i] / total == pytest.approx((ids[valid] == i).mean(), abs=0.03)
+
+
+def test_quicklook_nodata_is_transparent_in_both_panels(tmp_path):
+    from PIL import Image
+
+    from geoseg.export.quicklook import quicklook_png
+
+    rng = np.random.default_rng(0)
+    ids = rng.choice(CLASSES.ids, size=(200, 200)).astype(np.uint8)
+    bands = rng.integers(1, 200, size=(3, 200, 200)).astype(np.uint8)
+    ids[75:125, 75:125] = 255  # a nodata hole in the middle: 1/16 of the area
+    bands[:, 75:125, 75:125] = 0
+    scene = write_geotiff(tmp_path / "s.tif", bands, nodata=0, band_names=["red", "green", "blue"])
+    class_map = write_geotiff(tmp_path / "c.tif", ids, nodata=255)
+    png = np.asarray(Image.open(io.BytesIO(quicklook_png(scene, class_map, CLASSES))))
+    body = png[: int(png.shape[0] * 0.85)]
+    for half in (body[:, : png.shape[1] // 2], body[:, png.shape[1] // 2 :]):
+        opaque = half[..., 3] == 255
+        rows = np.flatnonzero(opaque.sum(axis=1) > 0.5 * opaque.sum(axis=1).max())  # the image, not its title
+        image = opaque[rows.min() : rows.max() + 1]
+        cols = np.flatnonzero(image.any(axis=0))
+        image = image[:, cols.min() : cols.max() + 1]
+        assert not image[image.shape[0] // 2, image.shape[1] // 2]  # the hole is see-through
+        assert (~image).mean() == pytest.approx(1 / 16, abs=0.01)  # and nothing else is

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT
 from prefect.client.orchestration import get_client
 from test_batch_flow import first_batch, shared_server, subflow_runs, use_server
+from test_train import _config as train_config
 
 #: Flags for Chromium in a container: no sandbox (root), no GPU, nothing that calls home.
 CHROMIUM_ARGS = [
@@ -149,3 +150,61 @@ def test_batch_run_page_shows_the_failure_report(ui, page, tmp_path):
     expect(page.get_by_text("Failed", exact=True).first).to_be_visible()
     expect(page.get_by_text(re.compile(r"InvalidSceneError\(.*broken\.tif: not a raster GDAL can read")).first) \
         .to_be_visible()
+
+
+def rendered_images(page, alt: str, count: int) -> list[tuple[int, int]]:
+    """Wait until ``count`` images whose alt text starts with ``alt`` have loaded; their natural sizes.
+
+    A broken image (an unloadable or stripped ``src``) never completes with a width, so this fails.
+    """
+    from playwright.sync_api import expect
+
+    images = page.locator(f'img[alt^="{alt}"]')
+    expect(images).to_have_count(count)
+    page.wait_for_function(
+        "([alt, n]) => { const im = [...document.querySelectorAll('img')].filter(e => e.alt.startsWith(alt));"
+        " return im.length === n && im.every(e => e.complete && e.naturalWidth > 0); }",
+        arg=[alt, count], timeout=TIMEOUT_MS,
+    )
+    return images.evaluate_all("els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = Path(path).read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+@pytest.mark.slow
+def test_predict_and_batch_run_pages_show_the_quicklook(ui, page, tmp_path):
+    server, run = ui
+    full = subflows(run)["nc_full"]
+    open_artifact(page, server.ui_url, full.id, "quicklook")
+    [size] = rendered_images(page, "quick-look of nc_full.tif", 1)
+    assert tuple(size) == png_size(Path(full.parameters["out_dir"]) / "nc_full_quicklook.png")
+    save(page, tmp_path, "prefect-ui-quicklook.png")
+
+    open_artifact(page, server.ui_url, run.flow_run_id, "batch-quicklooks")
+    sizes = rendered_images(page, "quick-look of", 2)  # the two scenes processed; the broken one has none
+    assert all(w > 400 and h > 200 for w, h in sizes)
+    save(page, tmp_path, "prefect-ui-batch-quicklooks.png")
+
+
+@pytest.mark.slow
+def test_train_run_page_shows_curves_and_confusion(ui, page, tiny_data, tmp_path):
+    import yaml
+
+    from flows.train import train as train_flow
+
+    server, _ = ui
+    cfg = tmp_path / "train" / "tiny.yaml"
+    cfg.parent.mkdir()
+    settings = train_config(tiny_data, epochs=2, out_dir=str(tmp_path / "run"))
+    cfg.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    state = train_flow(str(cfg), return_state=True)
+    assert state.is_completed()
+    run_id = state.state_details.flow_run_id
+    open_artifact(page, server.ui_url, run_id, "train-curves")
+    rendered_images(page, "loss and val mIoU", 1)
+    open_artifact(page, server.ui_url, run_id, "train-confusion")
+    rendered_images(page, "confusion matrix", 1)
+    save(page, tmp_path, "prefect-ui-train-confusion.png")

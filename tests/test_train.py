@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import flow_run_artifacts, random_scene, write_geotiff
+from conftest import flow_run_artifacts
 
 from geoseg.checkpoint import load_checkpoint
 from geoseg.config import ModelConfig, TrainConfig
@@ -16,22 +16,6 @@ from geoseg.train.metrics import SegmentationMetrics
 from geoseg.train.splits import PARTS, Split, TileSampler, make_split, part_labels
 
 TINY = {"arch": "tiny", "backbone": "none", "tile_size": 32}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A 3-band 128x128 uint8 scene whose classes follow band 1, labels as a raster, a class schema."""
-    d = tmp_path_factory.mktemp("tiny")
-    img = random_scene((3, 128, 128), "uint8", seed=5)
-    ids = np.digitize(img[0], np.percentile(img[0], [33, 66])).astype(np.uint8) + 1  # ids 1, 2, 3
-    ids[:8, :8] = 0  # label nodata
-    scene = write_geotiff(d / "scene.tif", img, band_names=["red", "green", "blue"])
-    labels = write_geotiff(d / "labels.tif", ids, nodata=0)
-    classes = d / "classes.yaml"
-    classes.write_text(yaml.safe_dump({"name": "tiny", "classes": [
-        {"id": 1, "name": "low", "color": "#0000ff"}, {"id": 2, "name": "mid", "color": "#00ff00"},
-        {"id": 3, "name": "high", "color": "#ff0000"}]}))
-    return {"kind": "scene_raster", "images": str(scene), "labels": str(labels), "classes": str(classes)}
 
 
 def _config(data, **kw):

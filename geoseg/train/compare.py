@@ -28,6 +28,7 @@ import numpy as np
 from geoseg.atomic import write_bytes, write_text
 from geoseg.checkpoint import ModelContract, load_checkpoint
 from geoseg.config import ModelConfig, TrainConfig
+from geoseg.export.quicklook import colourise, rgb_composite
 from geoseg.predict import Predictor
 from geoseg.tiling import Box
 from geoseg.train.datasets import LabelledData
@@ -193,29 +194,6 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], names: Sequence[str]) -
         "in the labels or predictions; '–': class absent from both.\n\n" + "\n".join(lines) + "\n"
     )
     return csv_path, md_path
-
-
-def rgb_composite(data: np.ndarray, valid: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
-    """(H, W, 3) float in [0, 1]: bands named red/green/blue (else the first three, or grey), 2–98 % stretch."""
-    names = [b.lower() for b in band_names]
-    if all(c in names for c in ("red", "green", "blue")):
-        idx = [names.index(c) for c in ("red", "green", "blue")]
-    else:
-        idx = [0, 1, 2] if len(names) >= 3 else [0, 0, 0]
-    rgb = np.moveaxis(data[idx], 0, -1).astype(np.float64)
-    px = rgb[valid] if valid.any() else rgb.reshape(-1, 3)
-    lo, hi = np.percentile(px, 2, axis=0), np.percentile(px, 98, axis=0)
-    rgb = np.clip((rgb - lo) / np.maximum(hi - lo, 1e-9), 0, 1)
-    rgb[~valid] = 1.0
-    return rgb
-
-
-def colourise(idx: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """(H, W, 3) float RGB of channel indices ``idx`` in ``colours`` (rows in [0, 1]); white elsewhere."""
-    out = np.ones((*idx.shape, 3))
-    known = idx < len(colours)
-    out[known] = colours[idx[known]]
-    return out
 
 
 def _figure_png(data: LabelledData, tiles: Sequence[tuple[int, Box]], preds: dict[str, list[np.ndarray]]) -> bytes:

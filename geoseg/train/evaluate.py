@@ -142,7 +142,7 @@ def comparison_png(scene: str | Path, class_map: str | Path, pred: np.ndarray, t
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from geoseg.train.compare import colourise, rgb_composite
+    from geoseg.export.quicklook import colourise, rgb_composite
 
     step = max(1, int(np.ceil(max(pred.shape) / max_side)))
     sl = (slice(None, None, step), slice(None, None, step))

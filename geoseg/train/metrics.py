@@ -17,7 +17,6 @@ Pixels whose label is the ignore index count nowhere.
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +100,3 @@ def curves_png(history: Sequence[dict[str, Any]], *, title: str = "training") ->
     return buf.getvalue()
 
 
-def png_data_uri(png: bytes) -> str:
-    """A ``data:image/png;base64,...`` URI for embedding a PNG in markdown."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
