@@ -72,7 +72,7 @@ def test_outputs_carry_the_epsg_crs_the_summary_reports(undisturbed):
 
 
 def test_cogs_are_valid_with_overviews_and_documented_nodata(undisturbed):
-    for name, nodata, predictor in ((f"{STEM}_classes.tif", 255, "2"), (f"{STEM}_confidence.tif", 0, "3")):
+    for name, nodata, predictor in ((f"{STEM}_classes.tif", 255, None), (f"{STEM}_confidence.tif", 0, "3")):
         path = undisturbed / name
         valid, errors, _ = cog_validate(path, strict=True, quiet=True)
         assert valid, errors

@@ -73,12 +73,18 @@ def _store_to_cog(store: Path, name: str, out: Path, *, nodata: float, resamplin
 
 
 def write_class_cog(store: Path, out: Path, classes: ClassSchema, *, overwrite: bool = False) -> Path:
-    """Write the class map COG (uint8, colour table, class names, mode overviews) and its legend files."""
+    """Write the class map COG (uint8, colour table, class names, mode overviews) and its legend files.
+
+    No predictor: differencing class ids makes the demo map 10 % larger (10,360 vs 9,400 bytes).
+    """
     return _store_to_cog(store, "class_id", out, nodata=CLASS_NODATA, resampling="MODE", classes=classes,
-                         overwrite=overwrite, predictor=2)
+                         overwrite=overwrite, predictor=1)
 
 
 def write_confidence_cog(store: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """Write the confidence COG (float32 max probability, 0 = nodata, average overviews, predictor 3)."""
+    """Write the confidence COG (float32 max probability, 0 = nodata, average overviews).
+
+    The floating-point predictor makes the demo's 18 % smaller than none (385 vs 473 KB).
+    """
     return _store_to_cog(store, "confidence", out, nodata=CONFIDENCE_NODATA, resampling="AVERAGE", classes=None,
                          overwrite=overwrite, predictor=3)
