@@ -53,7 +53,6 @@ from geoseg.inbox import (
     error_line,
     failure_message,
     ledger_entry,
-    output_settings,
     report_markdown,
     report_table,
     take_inventory,
@@ -168,7 +167,7 @@ def batch(
     scenes, ledger = inventory_task(inbox, checkpoint, out_root, cfg, reprocess)
     rows = [{**asdict(s), "status": s.status} for s in scenes if s.status != "todo"]
     todo = [s for s in scenes if s.status == "todo"]
-    settings = output_settings(cfg)
+    settings = cfg.output_settings()
     with _dask_scheduler(cfg, needed=bool(todo)) as address, ThreadPoolTaskRunner(concurrency) as runner:
         futures = [
             runner.submit(

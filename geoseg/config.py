@@ -114,6 +114,14 @@ class ClassSchema(_Settings):
         return tuple(c.name for c in self.classes)
 
 
+#: Predict settings that never change an output byte: where the work runs (design decision 4).
+#: Every other setting shapes the outputs (``batch_size`` too: it changes the last bits of float
+#: probabilities on the CPU).
+RUNTIME_ONLY = frozenset({"workers", "scheduler"})
+#: Predict settings that shape only the polygons, not the rasters a run's store holds.
+POLYGONS_ONLY = frozenset({"vectorize", "vector_format", "min_area", "simplify"})
+
+
 class PredictConfig(_Settings):
     """How to run inference over a scene."""
 
@@ -139,6 +147,14 @@ class PredictConfig(_Settings):
     vector_format: Literal["gpkg", "shp", "parquet"] = "gpkg"
     min_area: float | None = Field(None, ge=0, description="minimum mapping unit in m² (None: keep every region)")
     simplify: float | None = Field(None, ge=0, description="simplification tolerance in metres")
+
+    def output_settings(self, *, rasters_only: bool = False) -> dict[str, Any]:
+        """The settings that shape the outputs, JSON-ready: all but :data:`RUNTIME_ONLY`.
+
+        ``rasters_only`` leaves out :data:`POLYGONS_ONLY` too: what shapes the store (its fingerprint).
+        The batch's scene keys and the store's fingerprint both come from here.
+        """
+        return self.model_dump(mode="json", exclude=set(RUNTIME_ONLY | (POLYGONS_ONLY if rasters_only else set())))
 
     @field_validator("scales")
     @classmethod

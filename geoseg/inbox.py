@@ -35,8 +35,6 @@ from geoseg.errors import GeosegError
 LEDGER = "processed.json"
 #: File suffixes taken from an inbox folder (a glob or a list picks any raster).
 SCENE_SUFFIXES = (".tif", ".tiff")
-#: Predict settings that do not change the output bytes (design decision 4), so not part of the key.
-RUNTIME_ONLY = frozenset({"workers", "scheduler"})
 #: Hex digits of the key in output folder names.
 SHORT_KEY = 12
 
@@ -86,14 +84,9 @@ def find_scenes(inbox: str | Path | Sequence[str | Path], *, exclude: str | Path
     return list(unique)
 
 
-def output_settings(config: PredictConfig) -> dict[str, Any]:
-    """The predict settings that shape the output, as JSON-ready data (all but :data:`RUNTIME_ONLY`)."""
-    return config.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
-
-
 def settings_sha256(config: PredictConfig) -> str:
-    """SHA-256 of the settings that shape the output (everything but workers and scheduler)."""
-    return hashlib.sha256(json.dumps(output_settings(config), sort_keys=True).encode()).hexdigest()
+    """SHA-256 of the settings that shape the output (:meth:`PredictConfig.output_settings`)."""
+    return hashlib.sha256(json.dumps(config.output_settings(), sort_keys=True).encode()).hexdigest()
 
 
 def scene_key(scene_sha256: str, settings_hash: str, checkpoint_sha256: str) -> str:

@@ -158,11 +158,10 @@ def plan_run(
     fingerprint = hashlib.sha256(json.dumps({
         "scene": [Path(scene).name, stat.st_size, stat.st_mtime_ns, info.shape, info.crs.to_wkt(),
                   tuple(info.transform)],
+        "settings": config.output_settings(rasters_only=True),
         "checkpoint": sha, "bands": bands, "tile": tile, "margin": margin, "block_size": block_size,
-        "scales": config.scales, "flip": config.flip, "device": device.type, "threads": config.threads,
-        "probabilities": config.probabilities, "mean": scaling.mean, "std": scaling.std,
-        "version": geoseg.__version__,
-    }, default=str).encode()).hexdigest()
+        "device": device.type, "mean": scaling.mean, "std": scaling.std, "version": geoseg.__version__,
+    }, sort_keys=True, default=str).encode()).hexdigest()
     plan = RunPlan(
         scene=info, contract=contract, config=config, grid=grid, block_size=block_size,
         blocks=plan_blocks(grid, block_size), out_dir=Path(out_dir), job=job, fingerprint=fingerprint,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from geoseg.config import PredictConfig
+from geoseg.config import POLYGONS_ONLY, RUNTIME_ONLY, PredictConfig
 from geoseg.errors import BandMismatchError
 from geoseg.inbox import (
     LEDGER,
@@ -23,7 +23,6 @@ from geoseg.inbox import (
     is_finished,
     ledger_entry,
     output_dir,
-    output_settings,
     plan_batch,
     read_ledger,
     report_markdown,
@@ -170,10 +169,29 @@ def test_key_changes_with_bytes_settings_and_checkpoint_not_workers_or_scheduler
 
 
 def test_output_settings_drop_runtime_only_options():
-    settings = output_settings(PredictConfig(block_size=256, workers=3, scheduler="tcp://x:8786"))
+    settings = PredictConfig(block_size=256, workers=3, scheduler="tcp://x:8786").output_settings()
     assert "workers" not in settings and "scheduler" not in settings
     assert settings["block_size"] == 256
     json.dumps(settings)  # JSON-ready, as the predict subflow parameter
+
+
+def test_scene_keys_and_store_fingerprints_follow_one_rule(tiny_checkpoint, tmp_path):
+    """Every setting but workers/scheduler changes the batch key; all but the polygon ones the store's."""
+    from conftest import NC_SCENE
+
+    from geoseg.pipeline import plan_run
+
+    base = PredictConfig(block_size=256)
+    changes = {"batch_size": 3, "threads": 2, "flip": True, "scales": (1.0, 1.5), "probabilities": True,
+               "tile_size": 128, "min_area": 900.0, "simplify": 15.0, "vector_format": "shp",
+               "vectorize": False, "workers": 2, "scheduler": "tcp://x:8786"}
+    assert set(changes) | {"block_size", "device", "bands"} == set(PredictConfig.model_fields)
+    base_print = plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=base).fingerprint
+    for name, value in changes.items():
+        other = base.model_copy(update={name: value})
+        assert (settings_sha256(other) != settings_sha256(base)) == (name not in RUNTIME_ONLY), name
+        fingerprint = plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=other).fingerprint
+        assert (fingerprint != base_print) == (name not in RUNTIME_ONLY | POLYGONS_ONLY), name
 
 
 def test_scene_key_and_output_dir_values():
