@@ -75,6 +75,9 @@ def predict(
         None, "--bands", help="scene bands in the model's order: 1-based indexes or names, e.g. 1,2,3,4,5,6"
     ),
     tile: int | None = typer.Option(None, "--tile", help="tile size in px (default: the checkpoint's)"),
+    margin: int | None = typer.Option(
+        None, "--margin", help="context margin in px: tiles overlap by twice this (default: from the model)"
+    ),
     scales: str | None = typer.Option(None, "--scales", help="multi-scale factors, e.g. 0.75,1,1.25"),
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="average with left-right flipped tiles"),
     block_size: int | None = typer.Option(None, "--block-size", help="block core side in px"),
@@ -90,9 +93,9 @@ def predict(
     from geoseg.pipeline import predict_raster
 
     cfg = settings_with_overrides(
-        PredictConfig, config, tile_size=tile, scales=_parse_scales(scales), flip=flip, bands=_parse_bands(bands),
-        block_size=block_size, batch_size=batch_size, workers=workers, scheduler=scheduler, device=device,
-        vectorize=vectorize,
+        PredictConfig, config, tile_size=tile, margin=margin, scales=_parse_scales(scales), flip=flip,
+        bands=_parse_bands(bands), block_size=block_size, batch_size=batch_size, workers=workers,
+        scheduler=scheduler, device=device, vectorize=vectorize,
     )
     progress = _Bar("block")
     try:  # the cluster (none for --workers 1) starts once every input is checked

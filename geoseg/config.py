@@ -126,6 +126,9 @@ class PredictConfig(_Settings):
     """How to run inference over a scene."""
 
     tile_size: int | None = Field(None, ge=32, le=4096, description="None: the checkpoint's tile size")
+    margin: int | None = Field(
+        None, ge=0, description="context margin in px, at most a quarter tile (None: geoseg.tiling.context_margin)"
+    )
     block_size: int = Field(2048, ge=64, description="block core side; rounded down to the tile stride")
     batch_size: int = Field(8, ge=1)
     scales: tuple[float, ...] = Field((1.0,), min_length=1)

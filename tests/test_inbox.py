@@ -182,7 +182,7 @@ def test_scene_keys_and_store_fingerprints_follow_one_rule(tiny_checkpoint, tmp_
     from geoseg.pipeline import plan_run
 
     base = PredictConfig(block_size=256)
-    changes = {"batch_size": 3, "threads": 2, "flip": True, "scales": (1.0, 1.5), "probabilities": True,
+    changes = {"batch_size": 3, "margin": 16, "threads": 2, "flip": True, "scales": (1.0, 1.5), "probabilities": True,
                "tile_size": 128, "min_area": 900.0, "simplify": 15.0, "vector_format": "shp",
                "vectorize": False, "workers": 2, "scheduler": "tcp://x:8786"}
     assert set(changes) | {"block_size", "device", "bands"} == set(PredictConfig.model_fields)

@@ -15,7 +15,7 @@ from distributed import Client
 
 from geoseg.cluster import dask_client
 from geoseg.config import PredictConfig
-from geoseg.errors import BandMismatchError, OutputExistsError, SceneNotFoundError
+from geoseg.errors import BandMismatchError, ConfigError, OutputExistsError, SceneNotFoundError
 from geoseg.pipeline import plan_run, predict_raster
 from geoseg.worker import worker_predictor
 
@@ -187,3 +187,13 @@ def test_release_freed_memory_returns_pages_to_the_os():
         before = psutil.Process().memory_info().rss
         release_freed_memory()
         assert psutil.Process().memory_info().rss < before - 100 * 2**20
+
+
+def test_margin_setting_overrides_the_models_and_is_checked(tiny_checkpoint, tmp_path):
+    default = plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=PredictConfig())
+    assert default.grid.margin == 8  # the tiny model's 15 px receptive field, half of it rounded up
+    wide = plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=PredictConfig(margin=16))
+    assert (wide.grid.margin, wide.grid.stride) == (16, 32) and wide.tiles > default.tiles
+    assert plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=PredictConfig(margin=0)).grid.stride == 64
+    with pytest.raises(ConfigError, match="margin 17 px does not fit tile 64 px of this model: use one of 0, 1,"):
+        plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=PredictConfig(margin=17))
