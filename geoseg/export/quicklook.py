@@ -84,8 +84,8 @@ def quicklook_png(scene: str | Path, class_map: str | Path, classes: ClassSchema
         ax.set_title(title, fontsize=9, bbox=_LABEL_BOX)  # readable on dark pages too
         ax.set_axis_off()
     fig.legend(handles=[Patch(facecolor=colours[k], edgecolor="0.4", label=n) for k, n in enumerate(classes.names)],
-               loc="lower center", ncol=min(len(colours), 7), fontsize=8, facecolor="white", framealpha=1)
-    fig.tight_layout(rect=(0, 0.07, 1, 1), pad=0.6)
+               loc="lower center", ncol=min(len(colours), 8), fontsize=8, facecolor="white", framealpha=1)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97), pad=0.6)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", transparent=True)
     return buf.getvalue()
