@@ -10,6 +10,7 @@ import pytest
 import rasterio
 import yaml
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -123,20 +124,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", NC_SCENE)
 
 
-def upsampled_scene(path: Path, factor: int, *, dtype: str = "int16", nodata: float = -9999) -> Path:
-    """The real NC sample enlarged ``factor`` times (nearest), as a user's larger Landsat scene looks:
-    the bands as ``dtype`` with invalid pixels set to ``nodata``, tiled 256 px, deflate."""
+def upsampled_scene(path: Path, factor: int, *, source: Path = NC_SCENE, bands: tuple[int, ...] | None = None,
+                    window: Window | None = None, dtype: str = "int16", nodata: float = -9999) -> Path:
+    """A real scene (the NC sample by default) enlarged ``factor`` times (nearest), as a user's larger
+    scene looks: ``bands`` of its ``window`` as ``dtype`` with invalid pixels set to ``nodata``, tiled
+    256 px, deflate."""
     from rasterio.enums import Resampling
 
-    with rasterio.open(NC_SCENE) as src:
-        h, w = src.height * factor, src.width * factor
-        data = src.read(out_shape=(src.count, h, w), resampling=Resampling.nearest, masked=True)
-        profile = dict(driver="GTiff", width=w, height=h, count=src.count, dtype=dtype, nodata=nodata, crs=src.crs,
-                       transform=src.transform @ src.transform.scale(1 / factor), tiled=True, blockxsize=256,
+    with rasterio.open(source) as src:
+        window = window or Window(0, 0, src.width, src.height)
+        bands = bands or tuple(range(1, src.count + 1))
+        h, w = int(window.height) * factor, int(window.width) * factor
+        data = src.read(bands, window=window, out_shape=(len(bands), h, w), resampling=Resampling.nearest,
+                        masked=True)
+        transform = src.window_transform(window)
+        profile = dict(driver="GTiff", width=w, height=h, count=len(bands), dtype=dtype, nodata=nodata,
+                       crs=src.crs, transform=transform @ transform.scale(1 / factor), tiled=True, blockxsize=256,
                        blockysize=256, compress="deflate")
         with rasterio.open(path, "w", **profile) as dst:
             dst.write(np.where(data.mask, nodata, data.filled(0)).astype(dtype))
-            dst.descriptions = src.descriptions
+            dst.descriptions = [src.descriptions[b - 1] for b in bands]
     return path
 
 
