@@ -47,7 +47,7 @@ BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
 
 def make_scene(size: int, bands: int = 6, chunk: int = 2048) -> Path:
     """A smooth random uint8 scene of size² px, written chunk by chunk (bounded memory)."""
-    path = WORK / f"scene_{size}.tif"
+    path = WORK / (f"scene_{size}.tif" if bands == 6 else f"scene_{size}_{bands}b.tif")
     if path.exists():
         return path
     WORK.mkdir(parents=True, exist_ok=True)

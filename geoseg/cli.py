@@ -82,6 +82,7 @@ def predict(
     flip: bool | None = typer.Option(None, "--flip/--no-flip", help="average with left-right flipped tiles"),
     block_size: int | None = typer.Option(None, "--block-size", help="block core side in px"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="tiles per forward pass"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads per worker"),
     workers: int | None = typer.Option(None, "--workers", help="local Dask worker processes"),
     scheduler: str | None = typer.Option(None, "--scheduler", help="existing Dask scheduler, tcp://host:8786"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda"),
@@ -94,7 +95,7 @@ def predict(
 
     cfg = settings_with_overrides(
         PredictConfig, config, tile_size=tile, margin=margin, scales=_parse_scales(scales), flip=flip,
-        bands=_parse_bands(bands), block_size=block_size, batch_size=batch_size, workers=workers,
+        bands=_parse_bands(bands), block_size=block_size, batch_size=batch_size, threads=threads, workers=workers,
         scheduler=scheduler, device=device, vectorize=vectorize,
     )
     progress = _Bar("block")

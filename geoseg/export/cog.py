@@ -35,7 +35,7 @@ def _sidecars(path: Path) -> list[Path]:
 
 
 def _store_to_cog(store: Path, name: str, out: Path, *, nodata: float, resampling: str,
-                  classes: ClassSchema | None, overwrite: bool, predictor: int) -> Path:
+                  classes: ClassSchema | None, overwrite: bool, predictor: str) -> Path:
     ds = open_store(store)
     var = ds[name]
     profile = {
@@ -78,7 +78,7 @@ def write_class_cog(store: Path, out: Path, classes: ClassSchema, *, overwrite: 
     No predictor: differencing class ids makes the demo map 10 % larger (10,360 vs 9,400 bytes).
     """
     return _store_to_cog(store, "class_id", out, nodata=CLASS_NODATA, resampling="MODE", classes=classes,
-                         overwrite=overwrite, predictor=1)
+                         overwrite=overwrite, predictor="NO")
 
 
 def write_confidence_cog(store: Path, out: Path, *, overwrite: bool = False) -> Path:
@@ -87,4 +87,4 @@ def write_confidence_cog(store: Path, out: Path, *, overwrite: bool = False) -> 
     The floating-point predictor makes the demo's 18 % smaller than none (385 vs 473 KB).
     """
     return _store_to_cog(store, "confidence", out, nodata=CONFIDENCE_NODATA, resampling="AVERAGE", classes=None,
-                         overwrite=overwrite, predictor=3)
+                         overwrite=overwrite, predictor="FLOATING_POINT")
