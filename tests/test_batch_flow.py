@@ -74,15 +74,25 @@ def shared_server(config: pytest.Config, tmp_path_factory: pytest.TempPathFactor
 
 @contextlib.contextmanager
 def use_server(server: PrefectServer):
-    """Point this process (settings, threads, subprocesses) at ``server``."""
+    """Point this process (settings, threads, subprocesses) at ``server``.
+
+    Prefect's events worker, which also creates task runs, is one per process whatever the API URL:
+    it is drained on the way in and out, so each server gets its own runs' events (else a flow run
+    here after one on the test harness sent its task runs to the harness).
+    """
     from prefect import context
+    from prefect.events.worker import EventsWorker
 
     # Threads that do not copy the context see the global settings; prefect_test_harness sets them too.
     global_settings = getattr(context, "_temporary_global_settings_context", None)
+    EventsWorker.drain_all(timeout=30, at_exit=False)
     with pytest.MonkeyPatch.context() as mp, temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         mp.setenv("PREFECT_API_URL", server.api_url)
         with global_settings(context.get_settings_context()) if global_settings else contextlib.nullcontext():
-            yield server
+            try:
+                yield server
+            finally:
+                EventsWorker.drain_all(timeout=30, at_exit=False)
 
 
 def write_crop(dst: Path, rows: slice, cols: slice) -> Path:
@@ -234,13 +244,18 @@ def test_runs_task_runs_and_artifacts_are_in_the_server(batch_run):
             assert sum(r["percent"] for r in rows) == pytest.approx(100, abs=0.05)
             summary = json.loads((Path(run.parameters["out_dir"]) / "summary.json").read_text())
             assert [r["class"] for r in rows] == [a["class_name"] for a in summary["class_areas"]]
-            md = arts["markdown"].data
+            [summary_md] = artifacts_of(client, run.id, "predict-summary")
+            md = summary_md.data
             assert f"{stem}_classes.tif" in md and str(Path(run.parameters["out_dir"]) / "summary.json") in md
+            [look] = artifacts_of(client, run.id, "quicklook")
+            assert "](data:image/png;base64," in look.data and f"{stem}_quicklook.png" in look.data
 
         [report] = artifacts_of(client, parent.id, "batch-report")
         assert "2 processed, 0 skipped, 1 failed" in report.data
         assert "broken.tif" in report.data and "not a raster GDAL can read" in report.data
         assert f"/runs/flow-run/{failed.id}" in report.data  # links the failed predict run
+        [looks] = artifacts_of(client, parent.id, "batch-quicklooks")  # the two processed scenes
+        assert looks.data.count("](data:image/png;base64,") == 2 and "broken.tif" not in looks.data
         [table] = artifacts_of(client, parent.id, "batch-scenes")
         rows = {Path(r["scene"]).name: r for r in table_rows(table)}
         assert {k: r["status"] for k, r in rows.items()} == {

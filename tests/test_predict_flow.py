@@ -30,8 +30,10 @@ def test_flow_writes_outputs_and_artifacts(harness, tiny_checkpoint, tmp_path):
     rows = json.loads(table) if isinstance(table, str) else table
     assert [r["class"] for r in rows] == [a["class_name"] for a in summary["class_areas"]]
     assert sum(r["percent"] for r in rows) == pytest.approx(100, abs=0.05)
-    md = by_type["markdown"][0].data
+    by_key = {a.key: a for a in artifacts}
+    md = by_key["predict-summary"].data
     assert outputs["class_map"] in md and "summary.json" in md
+    assert "](data:image/png;base64," in by_key["quicklook"].data and outputs["quicklook"] in by_key["quicklook"].data
 
 
 @pytest.mark.slow
