@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import rasterio
 from rasterio.windows import Window
 
@@ -49,10 +48,9 @@ SCENES = {
 }
 
 
-def tile_lines(grid: TileGrid, size: int) -> np.ndarray:
-    """Image lines where a tile starts or ends (``k*stride - phase -/+ margin``, see geoseg.tiling)."""
-    starts = np.arange(-grid.phase - grid.margin, size + grid.tile, grid.stride)
-    return np.unique(np.concatenate([starts, starts + grid.tile]))
+def tile_lines(grid: TileGrid, size: int) -> list[int]:
+    """Image lines where a tile starts or ends (see geoseg.tiling)."""
+    return sorted({e for o in grid.origins(size) for e in (o, o + grid.tile) if 0 < e < size})
 
 
 def measure(checkpoint: Path, scene: Path, tile: int, margin: int, work: Path) -> tuple[float, float, float]:

@@ -2,24 +2,27 @@
 
 Tiles lie on one lattice over the whole scene, whatever the blocking::
 
-    tile k along an axis covers [k*stride - phase - margin, k*stride - phase - margin + tile)
-    its inner part is           [k*stride - phase, (k+1)*stride - phase)
-    stride = tile - 2*margin          (neighbouring tiles overlap by 2*margin)
-    phase = stride // 2 if margin else 0
-    k = 0 .. ceil((n + phase) / stride) - 1      (the inner parts cover [0, n))
+    stride = tile - 2*margin              (neighbouring tiles overlap by 2*margin)
+    K = ceil((n - tile) / stride) + 1     tiles along an axis of n pixels (1 when n <= tile)
+    tile k < K-1 covers [k*stride, k*stride + tile)
+    the last tile covers [o, o + tile),   o = min(ceil((n - tile) / 32) * 32, (K-1)*stride)
 
-``margin`` is the band along a tile's edges whose predictions lack context (zero padding reaches
-them).  It is derived from the model's receptive field and output stride by :func:`context_margin`.
-With an overlap of ``2*margin`` every pixel lies at least ``margin`` away from the edge of some tile,
-so blending (see :mod:`geoseg.stitch`) can always favour a tile that saw the pixel's full context.
-The *phase* puts block borders, which lie on multiples of the stride, through the middle of a
-tile's inner part, where exactly one tile straddles them (two would without it): every block
-border costs one row or column of tiles computed twice, not two.
+so the tiles cover ``[0, n)`` and the last one is moved back to end at the scene's edge (on a
+multiple of 32, the feature grid of every network here) instead of reaching past it.  ``margin`` is
+the band along a tile's edges whose predictions lack context (zero padding reaches them), derived
+from the model's receptive field and output stride by :func:`context_margin` or set by the user.
+With an overlap of ``2*margin`` every pixel that has ``margin`` px of scene around it lies at least
+``margin`` away from the edge of some tile, so blending (see :mod:`geoseg.stitch`) can always favour
+a tile that saw the pixel's full context.
 
 A *block* is a square of the output, its *core*; cores partition the scene exactly and are aligned
 to the output chunks.  A block processes every lattice tile that touches its core; its *read box*
 (core plus *halo*) is the union of those tiles.  Because each core pixel gets exactly the tiles that
 cover it in the whole scene, a blocked run reproduces a whole-scene run: block borders cannot show.
+Cores whose size is a multiple of the stride (:func:`align_block_size`) have their borders at tile
+origins, ``k*stride``, which lie inside the previous tile's inner part: exactly one tile straddles
+each block border (none without overlap), so a border costs one row or column of tiles computed
+twice.
 """
 
 from __future__ import annotations
@@ -77,9 +80,9 @@ def context_margin(tile: int, output_stride: int, receptive_field: int | None = 
     ``margin = min(ceil(rf / 2 / q) * q, floor(tile / 4 / q) * q)`` with ``q = os / 2``: half the
     receptive field ``rf`` (the reach of padding into the tile), rounded up to half the output stride
     ``os``, and capped at a quarter tile so the stride stays at least half a tile.  Tile origins are
-    ``k * (tile - 2 * margin) - tile / 2`` (see the module docstring), so a margin on multiples of
-    ``os / 2`` keeps them on the feature grid when the tile is a multiple of ``2 * os`` (e.g. a 64 px
-    tile at os 32 gets 16 px, not 0).  ``receptive_field=None`` (networks whose field exceeds any
+    ``k * (tile - 2 * margin)`` (see the module docstring), so a margin on multiples of ``os / 2``
+    keeps them on the feature grid when the tile is a multiple of ``os`` (e.g. a 64 px tile at os 32
+    gets 16 px, not 0).  ``receptive_field=None`` (networks whose field exceeds any
     tile, e.g. ResNet-50 with ASPP) takes the cap.
     """
     if tile % output_stride:
@@ -89,6 +92,10 @@ def context_margin(tile: int, output_stride: int, receptive_field: int | None = 
     if receptive_field is None:
         return cap
     return min(math.ceil(receptive_field / 2 / q) * q, cap)
+
+
+#: The last tile's origin is moved back to a multiple of this: the feature grid of every network here.
+FEATURE_GRID = 32
 
 
 @dataclass(frozen=True)
@@ -111,49 +118,36 @@ class TileGrid:
         """Distance between neighbouring tile origins."""
         return self.tile - 2 * self.margin
 
-    @property
-    def phase(self) -> int:
-        """Shift of the lattice: half a stride when tiles overlap, else 0 (see the module docstring).
-
-        A border at a multiple of the stride is straddled by the tiles k with
-        ``k*s - p - m < border < k*s - p - m + t``, an open interval of length ``1 + 2m/s`` in k: with
-        ``p = s/2`` (and ``m <= s/2``, true as ``m <= t/4``) it holds one integer; with ``m = 0`` the
-        unshifted lattice holds none.
-        """
-        return self.stride // 2 if self.margin else 0
-
-    def _count(self, n: int) -> int:
-        return math.ceil((n + self.phase) / self.stride)
+    def origins(self, n: int) -> tuple[int, ...]:
+        """Tile origins along an axis of ``n`` pixels (see the module docstring)."""
+        t, s = self.tile, self.stride
+        if n <= t:
+            return (0,)
+        k = math.ceil((n - t) / s) + 1
+        last = min(math.ceil((n - t) / FEATURE_GRID) * FEATURE_GRID, (k - 1) * s)
+        return (*range(0, (k - 1) * s, s), last)
 
     @property
     def rows(self) -> int:
         """Tiles along y."""
-        return self._count(self.height)
+        return len(self.origins(self.height))
 
     @property
     def cols(self) -> int:
         """Tiles along x."""
-        return self._count(self.width)
+        return len(self.origins(self.width))
 
-    def _span(self, a0: int, a1: int, n: int) -> range:
-        """Lattice indices k whose tile [k*s - p - m, k*s - p - m + t) intersects [a0, a1)."""
-        s, m, t, p = self.stride, self.margin, self.tile, self.phase
-        first = max(0, (a0 + p + m - t) // s + 1)
-        last = min(self._count(n) - 1, (a1 - 1 + p + m) // s)
-        return range(first, last + 1)
-
-    def tile_box(self, row: int, col: int) -> Box:
-        """The pixels tile (row, col) reads."""
-        y0 = row * self.stride - self.phase - self.margin
-        x0 = col * self.stride - self.phase - self.margin
-        return Box(y0, x0, y0 + self.tile, x0 + self.tile)
+    def _span(self, a0: int, a1: int, n: int) -> list[int]:
+        """Origins of the tiles along an axis of ``n`` px that intersect [a0, a1)."""
+        return [o for o in self.origins(n) if o < a1 and o + self.tile > a0]
 
     def tiles_touching(self, box: Box) -> tuple[Box, ...]:
         """Every lattice tile that intersects ``box``, in row-major order."""
+        t = self.tile
         return tuple(
-            self.tile_box(r, c)
-            for r in self._span(box.y0, box.y1, self.height)
-            for c in self._span(box.x0, box.x1, self.width)
+            Box(y, x, y + t, x + t)
+            for y in self._span(box.y0, box.y1, self.height)
+            for x in self._span(box.x0, box.x1, self.width)
         )
 
 
@@ -184,8 +178,8 @@ class Block:
 def align_block_size(block_size: int, grid: TileGrid) -> int:
     """Round ``block_size`` down to a multiple of the tile stride (at least one stride).
 
-    Core borders then lie where the lattice's phase puts them: mid-way through one tile's inner part,
-    so neighbouring blocks share one row or column of tiles.
+    Core borders then lie on tile origins, inside the previous tile's inner part, so neighbouring
+    blocks share one row or column of tiles.
     """
     return max(grid.stride, block_size // grid.stride * grid.stride)
 

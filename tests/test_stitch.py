@@ -74,6 +74,11 @@ def crop_scene(path, offset: int, out_dir):
     return out
 
 
+def tile_edges(grid: TileGrid, n: int) -> list[int]:
+    """The image lines where a tile starts or ends, along an axis of ``n`` pixels."""
+    return sorted({e for o in grid.origins(n) for e in (o, o + grid.tile) if 0 < e < n})
+
+
 def pooled_seam_index(scenes, tile: int, margin: int) -> float:
     """Seam index of the tile borders, counts pooled over scenes whose content is shifted under the lattice."""
     total = None
@@ -81,9 +86,8 @@ def pooled_seam_index(scenes, tile: int, margin: int) -> float:
         with rasterio.open(scene) as src:
             grid = TileGrid(src.height, src.width, tile, margin)
         class_map, _ = stitch_scene(DEMO_MODEL, grid, 4096, scene=scene)
-        period = grid.stride if margin else tile
-        edges = np.arange((-grid.phase - margin) % period, max(class_map.shape), period)
-        counts = seam_counts(class_map, edges, edges)
+        rows, cols = (tile_edges(grid, n) for n in class_map.shape)
+        counts = seam_counts(class_map, rows, cols)
         total = counts if total is None else total + counts
     return total.index
 

@@ -31,14 +31,21 @@ def test_tiles_lie_in_read_box_and_cover_core_with_full_context(args):
         read = b.read
         assert read.intersection(b.core) == b.core
         inner = np.zeros(b.core.shape, dtype=bool)
+        covered = np.zeros(b.core.shape, dtype=bool)
         for t in b.tiles:
             assert t.shape == (grid.tile, grid.tile)
             assert read.intersection(t) == t
+            assert t.y0 >= 0 and t.x0 >= 0, "tiles start inside the scene"
+            covered[t.intersection(b.core).relative_to(b.core)] = True
             # the inner part of the tile, `margin` away from its edges, may be outside the core
             centre = Box(t.y0 + m, t.x0 + m, t.y1 - m, t.x1 - m).intersection(b.core)
             if centre:
                 inner[centre.relative_to(b.core)] = True
-        assert inner.all(), "some core pixel is not in any tile's full-context part"
+        assert covered.all()
+        # every pixel with `margin` px of scene around it is in some tile's full-context part
+        ys, xs = np.mgrid[b.core.y0:b.core.y1, b.core.x0:b.core.x1]
+        away = (ys >= m) & (ys < grid.height - m) & (xs >= m) & (xs < grid.width - m)
+        assert inner[away].all(), "some core pixel is not in any tile's full-context part"
 
 
 @settings(max_examples=40, deadline=None)
@@ -68,7 +75,7 @@ def test_small_raster_one_tile():
     grid = TileGrid(5, 7, 64, 16)
     (block,) = plan_blocks(grid, 2048)
     assert block.core == Box(0, 0, 5, 7)
-    assert block.tiles == (Box(-32, -32, 32, 32),)  # phase 16 + margin 16 before the scene
+    assert block.tiles == (Box(0, 0, 64, 64),)  # one tile from the scene's corner
 
 
 def test_context_margin_formula():
@@ -93,7 +100,7 @@ def test_halo_is_reach_beyond_core():
     grid = TileGrid(1000, 1000, 64, 16)
     blocks = plan_blocks(grid, align_block_size(100, grid))
     inner = [b for b in blocks if b.row == 1 and b.col == 1][0]
-    assert inner.halo == 16 + 16  # the straddling tile's inner part reaches phase = 16 past the border, + margin
+    assert inner.halo == 32  # the tile straddling its first border starts one stride (32) before the core
 
 
 @pytest.mark.parametrize(("tile", "margin"), [(64, 16), (64, 8), (640, 160), (320, 64), (64, 0)])
