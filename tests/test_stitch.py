@@ -98,7 +98,8 @@ def test_seam_index_blended_vs_naive(tmp_path):
     Model: the demo DeepLabV3-MobileNetV3 (a real receptive field: atrous convolutions and ASPP image
     pooling) at its own tile (64 px) and default margin (16 px), on the real sample cropped by 0, 8,
     ..., 56 px so the same image lines fall on and off tile borders; counts pooled over the offsets.
-    Measured (2026-12-01): blended 1.18, naive 8.62; at tile 128 / margin 32: 1.13. The old demo
+    Measured (2026-12-01): blended 1.19, naive 8.40 (1.18 / 8.62 with the earlier half-stride
+    lattice; at tile 128 / margin 32: 1.13). The old demo
     model (sparse labels) stayed under 1.05 at 128 / 32; choosing the margin from such measurements
     is bench/seams.py's job (issue 15). Block borders are covered exactly by
     test_blocked_equals_whole_scene.
