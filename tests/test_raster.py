@@ -190,3 +190,18 @@ def test_gdal_env_bounds_the_block_cache_to_64_mb():
     lib = _rasterio_libgdal()
     with gdal_env():
         assert lib.GDALGetCacheMax64() == 64 * 2**20
+
+
+def test_an_unnamed_equivalent_of_an_epsg_crs_is_named_and_a_custom_one_kept():
+    from rasterio.crs import CRS
+
+    from geoseg.raster import identified_crs
+
+    with rasterio.open(NC_SCENE) as src:  # PROJCS["unnamed", ... DATUM["unknown" ...: EPSG:32119
+        assert src.crs.to_authority(confidence_threshold=100) is None
+        named = identified_crs(src.crs)
+    assert named.to_authority(confidence_threshold=100) == ("EPSG", "32119") and named == src.crs
+    custom = CRS.from_proj4("+proj=tmerc +lat_0=0 +lon_0=15.5 +k=0.9996 +x_0=500000 +y_0=0 +datum=WGS84 +units=m")
+    assert identified_crs(custom) is custom
+    utm = CRS.from_epsg(32633)
+    assert identified_crs(utm) is utm
