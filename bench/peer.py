@@ -71,14 +71,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--margin", type=int, default=32, help="the smaller geoseg margin to compare")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=2048, help="geoseg's block size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peer", action="store_true", help="geoseg only")
     args = parser.parse_args()
 
     ckpt, weights = make_models(args.window)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    os.environ.update(env)
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))  # the children's
     geoseg = [str(Path(sys.executable).with_name("geoseg")), "-q", "predict"]
     print(f"{'size':>6} {'run':22} {'s':>7} {'Mpx/s':>6} {'peak RSS MB':>11} {'peak PSS MB':>11}")
     for size in args.sizes:
@@ -86,9 +86,10 @@ def main() -> None:
         runs: list[tuple[str, list[str]]] = []
         for name, extra in (("geoseg", []), (f"geoseg --margin {args.margin}", ["--margin", str(args.margin)])):
             out = WORK / f"peer_geoseg_{size}_{len(extra)}"
-            runs.append((name, [*geoseg, str(scene), "-c", str(ckpt), "-o", str(out), "--overwrite", "--tile",
-                                str(args.window), "--batch-size", str(args.batch), "--workers", "1",
-                                "--device", args.device, "--no-vectorize", "--threads", str(args.threads), *extra]))
+            runs.append((name, [*geoseg, str(scene), "-c", str(ckpt), "-o", str(out), "--overwrite",
+                                "--tile", str(args.window), "--batch-size", str(args.batch),
+                                "--block-size", str(args.block_size), "--workers", "1", "--device", args.device,
+                                "--no-vectorize", "--threads", str(args.threads), *extra]))
         if not args.skip_peer:
             for name, overlap in (("geoai", 256), (f"geoai overlap {2 * args.margin}", 2 * args.margin)):
                 code = PEER.format(threads=args.threads, scene=str(scene), out=str(WORK / f"peer_geoai_{size}.tif"),
@@ -99,7 +100,8 @@ def main() -> None:
             m = run_measured(cmd)
             print(f"{size:6d} {name:22} {m.seconds:7.1f} {size * size / 1e6 / m.seconds:6.2f} "
                   f"{m.peak_rss_mb:11.0f} {m.peak_pss_mb:11.0f}", flush=True)
-    print(json.dumps({"window": args.window, "batch": args.batch, "threads": args.threads, "device": args.device}))
+    print(json.dumps({"window": args.window, "batch": args.batch, "block_size": args.block_size,
+                      "threads": args.threads, "device": args.device}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ The smallest margin whose seam index stays at or below ``--target`` (1.05) is ma
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -35,9 +36,9 @@ from conftest import upsampled_scene  # noqa: E402
 
 from geoseg.checkpoint import load_checkpoint  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
-from geoseg.pipeline import chosen_margin, predict_raster  # noqa: E402
+from geoseg.pipeline import predict_raster  # noqa: E402
 from geoseg.stitch import seam_index  # noqa: E402
-from geoseg.tiling import TileGrid, align_block_size, plan_blocks  # noqa: E402
+from geoseg.tiling import TileGrid  # noqa: E402
 
 DEMO = ROOT / "data" / "models" / "nc_landclass96_deeplabv3_mobilenetv3.pt"
 #: name: (scene, its bands in the model's order)
@@ -46,11 +47,6 @@ SCENES = {
     "nc2002": (ROOT / "data" / "nc-landclass96" / "lsat7_2002.tif", (1, 2, 3, 4, 5, 6)),
     "zion": (ROOT / "data" / "zion-landsat8-nlcd" / "landsat8_2015_b2345.tif", (1, 2, 3, 4)),
 }
-
-
-def tile_lines(grid: TileGrid, size: int) -> list[int]:
-    """Image lines where a tile starts or ends (see geoseg.tiling)."""
-    return sorted({e for o in grid.origins(size) for e in (o, o + grid.tile) if 0 < e < size})
 
 
 def measure(checkpoint: Path, scene: Path, tile: int, margin: int, work: Path) -> tuple[float, float, float]:
@@ -63,9 +59,9 @@ def measure(checkpoint: Path, scene: Path, tile: int, margin: int, work: Path) -
     with rasterio.open(result.outputs["class_map"]) as src:
         class_map = src.read(1)
     grid = TileGrid(*class_map.shape, tile, margin)
-    lines_y, lines_x = tile_lines(grid, class_map.shape[0]), tile_lines(grid, class_map.shape[1])
-    tiles = sum(len(b.tiles) for b in plan_blocks(grid, align_block_size(config.block_size, grid)))
-    return seam_index(class_map, lines_y, lines_x), tiles * tile * tile / class_map.size, seconds
+    tiles = json.loads(Path(result.outputs["summary"]).read_text())["grid"]["tiles"]  # what the run ran
+    seam = seam_index(class_map, grid.tile_edges(grid.height), grid.tile_edges(grid.width))
+    return seam, tiles * tile * tile / class_map.size, seconds
 
 
 def main() -> None:
@@ -83,7 +79,7 @@ def main() -> None:
     tiles = [contract.tile_size if t == "own" else int(t) for t in args.tiles.split(",")]
     margins = [int(m) for m in args.margins.split(",")]
     print(f"checkpoint {args.checkpoint.name}: {contract.arch}/{contract.backbone}, own tile {contract.tile_size}, "
-          f"default margin {chosen_margin(contract.tile_size, contract, None)}; scenes x{args.factor}, "
+          f"default margin {contract.margin(contract.tile_size)}; scenes x{args.factor}, "
           f"{args.crop} px crops")
     print(f"{'scene':8} {'tile':>5} {'margin':>6} {'seam':>6} {'tiles/px':>8} {'s':>6}")
     with tempfile.TemporaryDirectory(dir=ROOT / ".tmp") as tmp:

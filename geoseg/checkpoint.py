@@ -31,6 +31,7 @@ from geoseg.config import BACKBONES, ClassSchema, ModelConfig, validate
 from geoseg.errors import CheckpointError, ConfigError
 from geoseg.models import build_model, receptive_field, required_stride
 from geoseg.raster import SceneInfo, band_stats, check_bands
+from geoseg.tiling import context_margin
 
 #: A numpy array or a torch tensor (``ModelContract.normalise`` returns the kind it is given).
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
@@ -150,6 +151,22 @@ class ModelContract:
     def required_stride(self) -> int:
         """The multiple tiles are padded to before the forward (:func:`geoseg.models.required_stride`)."""
         return required_stride(self.arch, self.output_stride)
+
+    def margin(self, tile: int, chosen: int | None = None) -> int:
+        """The context margin at ``tile`` px: ``chosen`` (checked), else :func:`geoseg.tiling.context_margin`.
+
+        Raises:
+            ConfigError: ``chosen`` passes a quarter tile, or is off the model's feature grid (not a
+                multiple of half its output stride, so tile origins would fall between feature pixels).
+        """
+        stride = self.required_stride
+        if chosen is None:
+            return context_margin(tile, stride, self.receptive_field)
+        step = max(stride // 2, 1)
+        if chosen > tile // 4 or chosen % step:
+            valid = ", ".join(str(m) for m in range(0, tile // 4 + 1, step))
+            raise ConfigError(f"margin {chosen} px does not fit tile {tile} px of this model: use one of {valid}")
+        return chosen
 
     def normalise(self, data: Array, valid: Array, *, inplace: bool = False) -> Array:
         """Per band ``(data * scale - mean) / std`` in float32, with invalid pixels set to 0.

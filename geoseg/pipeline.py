@@ -42,7 +42,7 @@ from geoseg.atomic import ensure_folder, write_bytes, write_error, write_text
 from geoseg.checkpoint import ModelContract, check_scene, file_sha256, load_checkpoint
 from geoseg.cluster import GPU_RESOURCE, cluster_for, gpu_workers
 from geoseg.config import PredictConfig
-from geoseg.errors import BandMismatchError, ConfigError, OutputExistsError
+from geoseg.errors import BandMismatchError, OutputExistsError
 from geoseg.export.cog import write_class_cog, write_confidence_cog
 from geoseg.export.legend import style_path
 from geoseg.export.quicklook import quicklook_png
@@ -51,7 +51,7 @@ from geoseg.raster import SceneInfo, open_scene, pixel_areas_m2, require_valid_p
 from geoseg.runlock import check_unlocked, run_lock
 from geoseg.stitch import CLASS_NODATA
 from geoseg.store import done_blocks, iter_chunks, prepare_store, store_fingerprint
-from geoseg.tiling import Block, TileGrid, align_block_size, block_layout, context_margin, plan_blocks
+from geoseg.tiling import Block, TileGrid, align_block_size, block_layout, plan_blocks
 from geoseg.worker import BlockJob, process_blocks
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def plan_run(
     require_valid_pixels(info)
     device = resolve_device(config.device)
     tile = config.tile_size or contract.tile_size
-    margin = chosen_margin(tile, contract, config.margin)
+    margin = contract.margin(tile, config.margin)
     grid = TileGrid(info.height, info.width, tile, margin)
     block_size = align_block_size(config.block_size, grid)
     sha = file_sha256(checkpoint)
@@ -169,23 +169,6 @@ def plan_run(
     )
     check_outputs(plan)
     return plan
-
-
-def chosen_margin(tile: int, contract: ModelContract, margin: int | None) -> int:
-    """``margin`` when given (checked), else :func:`geoseg.tiling.context_margin` for the model.
-
-    Raises:
-        ConfigError: the margin passes a quarter tile, or is off the model's feature grid (not a
-            multiple of half its output stride, so tile origins would fall between feature pixels).
-    """
-    stride = contract.required_stride
-    if margin is None:
-        return context_margin(tile, stride, contract.receptive_field)
-    step = max(stride // 2, 1)
-    if margin > tile // 4 or margin % step:
-        valid = ", ".join(str(m) for m in range(0, tile // 4 + 1, step))
-        raise ConfigError(f"margin {margin} px does not fit tile {tile} px of this model: use one of {valid}")
-    return margin
 
 
 def _model_bands(contract: ModelContract, scene: SceneInfo, bands: Sequence[int | str] | None) -> tuple[int, ...]:

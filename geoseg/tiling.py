@@ -137,6 +137,10 @@ class TileGrid:
         """Tiles along x."""
         return len(self.origins(self.width))
 
+    def tile_edges(self, n: int) -> list[int]:
+        """The lines inside an axis of ``n`` px where a tile starts or ends (where seams could show)."""
+        return sorted({e for o in self.origins(n) for e in (o, o + self.tile) if 0 < e < n})
+
     def _span(self, a0: int, a1: int, n: int) -> list[int]:
         """Origins of the tiles along an axis of ``n`` px that intersect [a0, a1)."""
         return [o for o in self.origins(n) if o < a1 and o + self.tile > a0]

@@ -11,7 +11,7 @@ from geoseg.checkpoint import load_checkpoint
 from geoseg.predict import Predictor
 from geoseg.raster import read_window
 from geoseg.stitch import CLASS_NODATA, blend_block, blend_window, seam_counts, seam_index
-from geoseg.tiling import TileGrid, align_block_size, context_margin, plan_blocks
+from geoseg.tiling import TileGrid, align_block_size, plan_blocks
 
 DEMO_MODEL = DATA / "models" / "nc_landclass96_deeplabv3_mobilenetv3.pt"
 
@@ -74,11 +74,6 @@ def crop_scene(path, offset: int, out_dir):
     return out
 
 
-def tile_edges(grid: TileGrid, n: int) -> list[int]:
-    """The image lines where a tile starts or ends, along an axis of ``n`` pixels."""
-    return sorted({e for o in grid.origins(n) for e in (o, o + grid.tile) if 0 < e < n})
-
-
 def pooled_seam_index(scenes, tile: int, margin: int) -> float:
     """Seam index of the tile borders, counts pooled over scenes whose content is shifted under the lattice."""
     total = None
@@ -86,7 +81,7 @@ def pooled_seam_index(scenes, tile: int, margin: int) -> float:
         with rasterio.open(scene) as src:
             grid = TileGrid(src.height, src.width, tile, margin)
         class_map, _ = stitch_scene(DEMO_MODEL, grid, 4096, scene=scene)
-        rows, cols = (tile_edges(grid, n) for n in class_map.shape)
+        rows, cols = (grid.tile_edges(n) for n in class_map.shape)
         counts = seam_counts(class_map, rows, cols)
         total = counts if total is None else total + counts
     return total.index
@@ -106,7 +101,7 @@ def test_seam_index_blended_vs_naive(tmp_path):
     """
     _, contract = load_checkpoint(DEMO_MODEL)
     tile = contract.tile_size
-    margin = context_margin(tile, contract.required_stride, contract.receptive_field)
+    margin = contract.margin(tile)
     assert margin == 16
     scenes = [crop_scene(NC_SCENE, o, tmp_path) for o in range(0, 64, 8)]
     blended = pooled_seam_index(scenes, tile, margin)

@@ -18,7 +18,7 @@ import torch
 from geoseg.checkpoint import ModelContract
 from geoseg.predict import Predictor
 from geoseg.stitch import CLASS_NODATA, blend_block
-from geoseg.tiling import TileGrid, align_block_size, context_margin, plan_blocks
+from geoseg.tiling import TileGrid, align_block_size, plan_blocks
 from geoseg.train.datasets import LabelledData, LabelledImage
 from geoseg.train.metrics import SegmentationMetrics
 from geoseg.train.splits import Split, part_labels
@@ -36,7 +36,7 @@ def predict_image(predictor: Predictor, image: LabelledImage, contract: ModelCon
     ``where``: (H, W) bool; only blocks holding a True pixel are predicted (the rest stay ``ignore_index``).
     """
     tile = contract.tile_size
-    margin = context_margin(tile, contract.required_stride, contract.receptive_field)
+    margin = contract.margin(tile)
     grid = TileGrid(*image.shape, tile, margin)
     out = np.full(image.shape, ignore_index, np.uint8)
     channels = tuple(range(len(contract.classes.classes)))
