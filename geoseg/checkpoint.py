@@ -29,6 +29,7 @@ from torch import nn
 from geoseg.atomic import atomic_write
 from geoseg.config import BACKBONES, ClassSchema, ModelConfig, validate
 from geoseg.errors import CheckpointError, ConfigError
+from geoseg.location import fetch, is_url
 from geoseg.models import build_model, receptive_field, required_stride
 from geoseg.raster import SceneInfo, band_stats, check_bands
 from geoseg.tiling import context_margin
@@ -229,6 +230,17 @@ class ModelContract:
             raise ConfigError(f"invalid contract: {err}") from None
 
 
+def local_checkpoint(location: str | Path) -> Path:
+    """The checkpoint as a local file: a path as it is, a URL fetched once into the cache.
+
+    See :func:`geoseg.location.fetch` for the cache.
+
+    Raises:
+        SceneNotFoundError: no object at the URL; StorageError: access denied or no store there.
+    """
+    return fetch(location) if is_url(location) else Path(location)
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -306,7 +318,7 @@ def load_checkpoint(
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file, or its URL (fetched once per machine, see :func:`local_checkpoint`).
         device: ``cpu``, ``cuda``, ``auto`` or a ``torch.device`` to put the model on.
 
     Returns:
@@ -318,7 +330,7 @@ def load_checkpoint(
     """
     from geoseg.predict import resolve_device
 
-    path = Path(path)
+    path = local_checkpoint(path)
     obj = _read(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = ""

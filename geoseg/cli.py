@@ -38,12 +38,14 @@ class _Bar:
 
 
 @app.command()
-def info(scene: Path = typer.Argument(..., help="GeoTIFF to inspect")) -> None:
+def info(scene: str = typer.Argument(..., help="GeoTIFF to inspect: a path or an s3://, gs://, az://, https:// URL"),
+         ) -> None:
     """Validate a scene and print what geoseg sees in it."""
+    from geoseg.location import redact
     from geoseg.raster import open_scene
 
     s = open_scene(scene)
-    typer.echo(f"{s.path}: {s.width} x {s.height} px, {s.count} bands {list(s.band_names)}, {s.dtype}")
+    typer.echo(f"{redact(str(s.path))}: {s.width} x {s.height} px, {s.count} bands {list(s.band_names)}, {s.dtype}")
     typer.echo(f"  CRS {s.crs.to_string()}, pixel {s.transform.a:g} x {-s.transform.e:g}, nodata {s.nodata}")
 
 
@@ -67,9 +69,9 @@ def _parse_scales(text: str | None) -> tuple[float, ...] | None:
 
 @app.command()
 def predict(
-    scene: Path = typer.Argument(..., help="input GeoTIFF"),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="geoseg checkpoint (.pt)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    scene: str = typer.Argument(..., help="input GeoTIFF: a path or an s3://, gs://, az://, https:// URL"),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="geoseg checkpoint (.pt): a path or a URL"),
+    out: str = typer.Option(..., "--out", "-o", help="output folder: a path or an s3://, gs://, az:// prefix"),
     config: Path | None = typer.Option(None, "--config", help="predict settings YAML (configs/predict/)"),
     bands: str | None = typer.Option(
         None, "--bands", help="scene bands in the model's order: 1-based indexes or names, e.g. 1,2,3,4,5,6"

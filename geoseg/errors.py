@@ -68,3 +68,7 @@ class RunInterrupted(BaseException):
 
     def __reduce__(self) -> tuple:
         return type(self), (self.signum,)
+
+
+class StorageError(GeosegError, OSError):
+    """Object storage or an HTTP server refused a request: access denied, or it cannot be reached."""

@@ -23,6 +23,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import BandMismatchError, InvalidSceneError, SceneNotFoundError
+from geoseg.location import basename, configure_gdal, head, is_url, redact, stem
 from geoseg.tiling import Box
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ GDAL_OPTIONS = {"GDAL_CACHEMAX": 64 * 2**20, "GDAL_DISABLE_READDIR_ON_OPEN": "EM
 
 
 def gdal_env() -> rasterio.Env:
-    """Return the GDAL environment geoseg reads and writes in (:data:`GDAL_OPTIONS`)."""
+    """Return the GDAL environment geoseg reads and writes in (:data:`GDAL_OPTIONS`).
+
+    Object storage is set up first (:func:`geoseg.location.configure_gdal`).
+    """
+    configure_gdal()
     return rasterio.Env(**GDAL_OPTIONS)
 
 
@@ -46,7 +51,7 @@ SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "floa
 class SceneInfo:
     """What geoseg needs to know about a scene, read once from its header."""
 
-    path: Path
+    path: Path | str
     width: int
     height: int
     count: int
@@ -57,6 +62,16 @@ class SceneInfo:
     band_names: tuple[str, ...]
     block_shapes: tuple[tuple[int, int], ...]
     alpha: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The file name (the last part of the path or URL)."""
+        return basename(self.path)
+
+    @property
+    def stem(self) -> str:
+        """The file name without its suffix: names the scene's outputs."""
+        return stem(self.path)
 
     @property
     def data_bands(self) -> tuple[int, ...]:
@@ -111,8 +126,8 @@ def identified_crs(crs: CRS) -> CRS:
     return named if named == crs else crs
 
 
-def _fail(path: Path, what: str, fix: str) -> InvalidSceneError:
-    return InvalidSceneError(f"{path}: {what}. {fix}")
+def _fail(path: Path | str, what: str, fix: str) -> InvalidSceneError:
+    return InvalidSceneError(f"{redact(str(path))}: {what}. {fix}")
 
 
 def open_scene(path: str | Path) -> SceneInfo:
@@ -125,15 +140,19 @@ def open_scene(path: str | Path) -> SceneInfo:
         SceneNotFoundError: the file does not exist.
         InvalidSceneError: the file is not a usable scene; the message says why and what to do.
     """
-    path = Path(path)
-    if not path.exists():
-        raise SceneNotFoundError(f"{path}: no such file. Check the path (relative paths start at {Path.cwd()}).")
+    if is_url(path):
+        head(path)  # a missing object, denied access or an unreachable store fail here, in one line
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise SceneNotFoundError(f"{path}: no such file. Check the path (relative paths start at {Path.cwd()}).")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gdal_env():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(path)
     except RasterioIOError as err:
-        raise _fail(path, f"not a raster GDAL can read ({err})", "Pass a GeoTIFF or another GDAL raster.") from None
+        raise _fail(path, f"not a raster GDAL can read ({redact(str(err))})",
+                    "Pass a GeoTIFF or another GDAL raster.") from None
     with src:
         if src.dtypes[0] not in SUPPORTED_DTYPES:
             raise _fail(path, f"pixel type {src.dtypes[0]} is not supported",

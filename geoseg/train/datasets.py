@@ -231,7 +231,7 @@ def _load_scene(spec: SceneLabels, schema: ClassSchema, *, label_value: int | No
         valid = np.all(src.read_masks(list(bands)) > 0, axis=0)
     labels[~valid] = schema.ignore_index
     names = tuple(scene.band_names[b - 1] for b in bands)
-    return LabelledImage(scene.path.stem, scene.path, labels, names, scene.dtype, bands)
+    return LabelledImage(scene.stem, scene.path, labels, names, scene.dtype, bands)
 
 
 def _shared_band_names(images: Sequence[LabelledImage]) -> tuple[str, ...]:
