@@ -39,6 +39,7 @@ from geoseg.command import run_command, setup_logging
 from geoseg.config import PredictConfig, settings_with_overrides
 from geoseg.errors import GeosegError
 from geoseg.export.quicklook import png_data_uri
+from geoseg.location import location_str
 from geoseg.pipeline import (
     RunPlan,
     RunResult,
@@ -82,7 +83,7 @@ def plan_task(scene: str, checkpoint: str, out_dir: str, config: PredictConfig, 
 def blocks_task(plan: RunPlan, client: Client | None) -> tuple[int, int]:
     """Create or resume the store and run the blocks on the run's cluster, with a progress artifact."""
     artifact = create_progress_artifact(
-        progress=0.0, key=f"blocks-{plan.fingerprint[:16]}", description=f"Blocks of {plan.scene.path.name}"
+        progress=0.0, key=f"blocks-{plan.fingerprint[:16]}", description=f"Blocks of {plan.scene.name}"
     )
     last = [0.0]
 
@@ -101,8 +102,8 @@ def finalise_task(plan: RunPlan) -> dict[str, str]:
     outputs = finalise(plan, overwrite=True)
     create_markdown_artifact(
         key="quicklook",
-        markdown=quicklook_markdown(plan.scene.path.name, Path(outputs["quicklook"])),
-        description=f"Quick-look of {plan.scene.path.name}: input and class map",
+        markdown=quicklook_markdown(plan.scene.name, Path(outputs["quicklook"])),
+        description=f"Quick-look of {plan.scene.name}: input and class map",
     )
     return outputs
 
@@ -120,7 +121,7 @@ def areas_task(plan: RunPlan) -> list[dict[str, Any]]:
         key="class-areas",
         table=[{"class": a["class_name"], "id": a["class_id"], "area_km2": round(a["area_km2"], 4),
                 "percent": round(a["percent"], 2)} for a in areas],
-        description=f"Class areas of {plan.scene.path.name}",
+        description=f"Class areas of {plan.scene.name}",
     )
     return areas
 
@@ -140,7 +141,7 @@ def summary_task(plan: RunPlan, result: RunResult) -> str:
     create_markdown_artifact(
         key="predict-summary",
         markdown=(
-            f"# geoseg predict: {plan.scene.path.name}\n\n"
+            f"# geoseg predict: {plan.scene.name}\n\n"
             f"{plan.scene.width} x {plan.scene.height} px, {len(plan.blocks)} blocks "
             f"({result.blocks_computed} computed, {result.blocks_skipped} resumed), model "
             f"{plan.contract.arch}/{plan.contract.backbone}, tile {plan.grid.tile}.\n\n"
@@ -196,7 +197,7 @@ def main(argv: list[str]) -> int:
         with prefect_api() as ui:
             print(f"Prefect UI: {ui}", file=sys.stderr)
             outputs = predict(scene, checkpoint, out_dir, config=config[0] if config else None)
-        print(f"outputs in {Path(out_dir).resolve()}:")
+        print(f"outputs in {location_str(out_dir)}:")
         for name, path in outputs.items():
             print(f"  {name:11s} {path}")
 

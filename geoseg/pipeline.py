@@ -16,6 +16,10 @@ Output folder::
     <stem>_polygons.gpkg      polygons (when vectorise is on; .shp / .parquet by setting)
     prediction.zarr           the Zarr store blocks write into (resumable)
     summary.json              inputs, settings, checkpoint hash, timings, class areas
+
+The output folder may be an object-storage prefix (``s3://bucket/run/``): the store is then written
+there by the workers, and the rest is made in a local staging folder and uploaded when complete
+(:mod:`geoseg.publish`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,18 +44,20 @@ from distributed import Client, as_completed
 
 import geoseg
 from geoseg.atomic import ensure_folder, write_bytes, write_error, write_text
-from geoseg.checkpoint import ModelContract, check_scene, file_sha256, load_checkpoint
+from geoseg.checkpoint import ModelContract, check_scene, file_sha256, load_checkpoint, local_checkpoint
 from geoseg.cluster import GPU_RESOURCE, cluster_for, gpu_workers
 from geoseg.config import PredictConfig
 from geoseg.errors import BandMismatchError, OutputExistsError
 from geoseg.export.cog import write_class_cog, write_confidence_cog
 from geoseg.export.legend import style_path
 from geoseg.export.quicklook import quicklook_png
+from geoseg.location import basename, is_url, location_str, redact, version
 from geoseg.predict import resolve_device
+from geoseg.publish import check_prefix, existing, publish, remote_url, staging_folder
 from geoseg.raster import SceneInfo, open_scene, pixel_areas_m2, require_valid_pixels, resolve_bands
 from geoseg.runlock import check_unlocked, run_lock
 from geoseg.stitch import CLASS_NODATA
-from geoseg.store import done_blocks, iter_chunks, prepare_store, store_fingerprint
+from geoseg.store import StoreLocation, done_blocks, iter_chunks, prepare_store, store_exists, store_fingerprint
 from geoseg.tiling import Block, TileGrid, align_block_size, block_layout, plan_blocks
 from geoseg.worker import BlockJob, process_blocks
 
@@ -73,31 +80,32 @@ class RunPlan:
     job: BlockJob
     fingerprint: str
     overwrite: bool = False
+    remote: str | None = None
 
     @property
-    def store(self) -> Path:
-        """The Zarr store."""
-        return self.out_dir / "prediction.zarr"
+    def store(self) -> StoreLocation:
+        """The Zarr store: in the output folder, or under the remote prefix."""
+        return f"{self.remote}/prediction.zarr" if self.remote else self.out_dir / "prediction.zarr"
 
     @property
     def class_map(self) -> Path:
         """The class map COG."""
-        return self.out_dir / f"{self.scene.path.stem}_classes.tif"
+        return self.out_dir / f"{self.scene.stem}_classes.tif"
 
     @property
     def confidence_map(self) -> Path:
         """The confidence COG."""
-        return self.out_dir / f"{self.scene.path.stem}_confidence.tif"
+        return self.out_dir / f"{self.scene.stem}_confidence.tif"
 
     @property
     def quicklook(self) -> Path:
         """The quick-look PNG (input beside the class map, with the legend)."""
-        return self.out_dir / f"{self.scene.path.stem}_quicklook.png"
+        return self.out_dir / f"{self.scene.stem}_quicklook.png"
 
     @property
     def polygons(self) -> Path:
         """The polygon file."""
-        return self.out_dir / f"{self.scene.path.stem}_polygons.{self.config.vector_format}"
+        return self.out_dir / f"{self.scene.stem}_polygons.{self.config.vector_format}"
 
     @property
     def summary(self) -> Path:
@@ -136,8 +144,11 @@ def plan_run(
             work starts (see :func:`check_outputs`).
     """
     config = config or PredictConfig()
+    remote = str(out_dir).rstrip("/") if is_url(out_dir) else None
+    folder = staging_folder(remote) if remote else Path(out_dir)
     info = open_scene(scene)
-    _, contract = load_checkpoint(checkpoint)
+    local = local_checkpoint(checkpoint)
+    _, contract = load_checkpoint(local)
     bands = _model_bands(contract, info, config.bands)
     require_valid_pixels(info)
     device = resolve_device(config.device)
@@ -145,27 +156,26 @@ def plan_run(
     margin = contract.margin(tile, config.margin)
     grid = TileGrid(info.height, info.width, tile, margin)
     block_size = align_block_size(config.block_size, grid)
-    sha = file_sha256(checkpoint)
+    sha = file_sha256(local)
     scaling = contract.for_scene(info, bands)  # normalisation == "scene": the scene's own band statistics
     job = BlockJob(
-        scene=str(Path(scene).resolve()), bands=bands, checkpoint=str(Path(checkpoint).resolve()),
+        scene=location_str(scene), bands=bands, checkpoint=location_str(checkpoint),
         checkpoint_sha256=sha, scales=config.scales, flip=config.flip, device=device.type,
         batch_size=config.batch_size, margin=margin, probabilities=config.probabilities,
-        store=str((Path(out_dir) / "prediction.zarr").resolve()), torch_threads=config.threads,
+        store=f"{remote}/prediction.zarr" if remote else str((folder / "prediction.zarr").resolve()),
+        torch_threads=config.threads,
         mean=scaling.mean, std=scaling.std,
     )
-    stat = Path(scene).stat()
     fingerprint = hashlib.sha256(json.dumps({
-        "scene": [Path(scene).name, stat.st_size, stat.st_mtime_ns, info.shape, info.crs.to_wkt(),
-                  tuple(info.transform)],
+        "scene": [basename(scene), *version(scene), info.shape, info.crs.to_wkt(), tuple(info.transform)],
         "settings": config.output_settings(rasters_only=True),
         "checkpoint": sha, "bands": bands, "tile": tile, "margin": margin, "block_size": block_size,
         "device": device.type, "mean": scaling.mean, "std": scaling.std, "version": geoseg.__version__,
     }, sort_keys=True, default=str).encode()).hexdigest()
     plan = RunPlan(
         scene=info, contract=contract, config=config, grid=grid, block_size=block_size,
-        blocks=plan_blocks(grid, block_size), out_dir=Path(out_dir), job=job, fingerprint=fingerprint,
-        overwrite=overwrite,
+        blocks=plan_blocks(grid, block_size), out_dir=folder, job=job, fingerprint=fingerprint,
+        overwrite=overwrite, remote=remote,
     )
     check_outputs(plan)
     return plan
@@ -194,17 +204,23 @@ def check_outputs(plan: RunPlan) -> None:
             run, and ``plan.overwrite`` is False.
     """
     folder = plan.out_dir
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputExistsError(f"{existing}: is a file, not a folder. Pick another output folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise write_error(existing, PermissionError(errno.EACCES, "Permission denied"))
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if not nearest.is_dir():
+        raise OutputExistsError(f"{nearest}: is a file, not a folder. Pick another output folder.")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise write_error(nearest, PermissionError(errno.EACCES, "Permission denied"))
     check_unlocked(folder)
-    if not plan.overwrite and store_fingerprint(plan.store) != plan.fingerprint:
-        for p in (plan.store, plan.class_map, plan.confidence_map, plan.polygons, plan.summary):
-            if p.exists():
-                what = "holds a prediction of other inputs or settings" if p == plan.store else "already exists"
-                raise OutputExistsError(f"{p}: {what}. Pick another output folder or pass --overwrite.")
+    if plan.remote:
+        check_prefix(plan.remote)
+    if plan.overwrite or store_fingerprint(plan.store) == plan.fingerprint:
+        return
+    if store_exists(plan.store):
+        raise OutputExistsError(f"{plan.store}: holds a prediction of other inputs or settings. "
+                                "Pick another output folder or pass --overwrite.")
+    finished = (plan.class_map, plan.confidence_map, plan.polygons, plan.summary)
+    found = existing(plan.remote, [p.name for p in finished]) if plan.remote else [p for p in finished if p.exists()]
+    if found:
+        raise OutputExistsError(f"{found[0]}: already exists. Pick another output folder or pass --overwrite.")
 
 
 def prepare_outputs(plan: RunPlan) -> bool:
@@ -310,9 +326,9 @@ def write_summary(plan: RunPlan, result: RunResult) -> Path:
     """Write ``summary.json`` atomically and return its path."""
     summary = {
         "geoseg": geoseg.__version__,
-        "scene": {"path": str(plan.scene.path), "width": plan.scene.width, "height": plan.scene.height,
+        "scene": {"path": redact(str(plan.scene.path)), "width": plan.scene.width, "height": plan.scene.height,
                   "bands": list(plan.scene.band_names), "crs": plan.scene.crs.to_string()},
-        "checkpoint": {"path": plan.job.checkpoint, "sha256": plan.job.checkpoint_sha256,
+        "checkpoint": {"path": redact(plan.job.checkpoint), "sha256": plan.job.checkpoint_sha256,
                        "arch": plan.contract.arch, "backbone": plan.contract.backbone},
         "settings": plan.config.model_dump(mode="json"),
         "grid": {"tile": plan.grid.tile, "margin": plan.grid.margin, "stride": plan.grid.stride,
@@ -375,7 +391,7 @@ def run_stages(
     overwrite: bool,
     cluster: Cluster = lambda: nullcontext(None),
 ) -> RunResult:
-    """Run the stages in order, timing each: plan → blocks → COGs → areas (→ polygons) → summary.
+    """Run the stages in order, timing each: plan → blocks → COGs → areas (→ polygons) → summary (→ upload).
 
     Everything after the plan runs holding the output folder's lock and inside ``cluster()`` (a
     context giving the Dask client that runs the blocks and the polygons, or None), which starts only
@@ -398,10 +414,17 @@ def run_stages(
         outputs = timed("finalise", stages.finalise, plan)
         areas = timed("areas", stages.areas, plan)
         if config.vectorize:
-            outputs["polygons"] = timed("vectorise", stages.vectorise, plan, client)
+            # a remote run's class map is staged on this machine only: its workers could not read it
+            outputs["polygons"] = timed("vectorise", stages.vectorise, plan, None if plan.remote else client)
         outputs["summary"] = str(plan.summary)
+        if plan.remote:
+            outputs = {k: v if is_url(v) else remote_url(plan.remote, v) for k, v in outputs.items()}
         result = RunResult(outputs, areas, computed, skipped, timings)
         stages.summary(plan, result)
+        if plan.remote:
+            timed("publish", publish, plan.out_dir, plan.remote)
+    if plan.remote:
+        shutil.rmtree(plan.out_dir, ignore_errors=True)
     return result
 
 

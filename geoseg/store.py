@@ -14,6 +14,10 @@ in its ``coordinates``), and GDAL's Zarr driver (3.4 and newer) reads it as a ra
 (GDAL's ``_CRS`` attribute), geotransform (from ``x``/``y``) and the same nodata as the COGs:
 ``ZARR:"prediction.zarr":/class_id``.  The class schema is kept in the attributes (``class_schema``).
 
+The store is a local folder or an object-storage URL (``s3://bucket/run/prediction.zarr``, see
+:mod:`geoseg.location`): workers then write their chunks straight into the bucket, and resuming reads
+``block_done`` from there.
+
 A block writes its data first and its ``block_done`` flag last, so a crash leaves the block undone
 and a resumed run redoes it. The run's fingerprint (inputs and settings) is kept in the attributes;
 resuming into a store made with another fingerprint is refused.
@@ -28,25 +32,50 @@ from pathlib import Path
 import dask.array as da
 import numcodecs
 import numpy as np
+import obstore
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
+from zarr.storage import ObjectStore
 
 from geoseg.atomic import write_error
 from geoseg.config import ClassSchema
 from geoseg.errors import OutputExistsError
 from geoseg.export.legend import STORE_ATTR
+from geoseg.location import STORAGE_ERRORS, is_url, storage_error, store_for
 from geoseg.raster import SceneInfo
 from geoseg.stitch import CLASS_NODATA, CONFIDENCE_NODATA, BlockResult
 from geoseg.tiling import Block, Box
 
 FINGERPRINT_ATTR = "geoseg_fingerprint"
+#: A store's location: a local folder, or a URL (``s3://``, ``gs://``, ``az://``).
+StoreLocation = Path | str
 #: Chunk compression GDAL's Zarr driver and every zarr-python read.
 _COMPRESSOR = numcodecs.Zlib(level=6)
 
 
+def zarr_store(location: StoreLocation) -> Path | ObjectStore:
+    """What zarr and xarray open: the folder, or an obstore-backed store for a URL."""
+    return ObjectStore(store_for(str(location))) if is_url(location) else Path(location)
+
+
+def store_exists(location: StoreLocation) -> bool:
+    """Whether anything is stored at ``location`` (a folder, or objects under the URL's prefix)."""
+    if not is_url(location):
+        return Path(location).exists()
+    try:
+        return any(chunk for chunk in obstore.list(store_for(str(location)), chunk_size=1))
+    except STORAGE_ERRORS as err:  # denied, unreachable, no bucket: one line
+        raise storage_error(str(location), err) from None
+
+
+def _failed(location: StoreLocation, err: Exception) -> Exception:
+    """The geoseg error for a failed store write: a full or read-only disk, or a refused object store."""
+    return storage_error(str(location), err) if is_url(location) else write_error(Path(location), err)
+
+
 def create_store(
-    path: Path,
+    path: StoreLocation,
     scene: SceneInfo,
     *,
     block_size: int,
@@ -55,7 +84,10 @@ def create_store(
     probabilities: bool,
     fingerprint: str,
 ) -> None:
-    """Write the store's metadata and coordinates (no pixel data) to ``path``, replacing any old one."""
+    """Write the store's metadata and coordinates (no pixel data) to ``path``, replacing any old one.
+
+    A URL's objects are replaced by zarr itself (``mode="w"`` clears the prefix).
+    """
     h, w = scene.shape
     t = scene.transform
     chunks = (min(block_size, h), min(block_size, w))
@@ -91,22 +123,22 @@ def create_store(
             ds[name].encoding["coordinates"] = "spatial_ref"
             encoding[name]["_FillValue"] = fill[name]
     try:
-        if path.exists():
+        if not is_url(path) and Path(path).exists():
             shutil.rmtree(path)
-        ds.to_zarr(path, mode="w", compute=False, consolidated=True, zarr_format=2, encoding=encoding)
-    except OSError as err:
-        raise write_error(path, err) from err
+        ds.to_zarr(zarr_store(path), mode="w", compute=False, consolidated=True, zarr_format=2, encoding=encoding)
+    except STORAGE_ERRORS as err:
+        raise _failed(path, err) from err
 
 
-def store_fingerprint(path: Path) -> str | None:
+def store_fingerprint(path: StoreLocation) -> str | None:
     """The fingerprint a store was created with, or None when ``path`` holds no geoseg store."""
     try:
-        return zarr.open_group(path, mode="r").attrs.get(FINGERPRINT_ATTR)
+        return zarr.open_group(zarr_store(path), mode="r").attrs.get(FINGERPRINT_ATTR)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return None
 
 
-def prepare_store(path: Path, fingerprint: str, *, overwrite: bool, **create_kwargs) -> bool:
+def prepare_store(path: StoreLocation, fingerprint: str, *, overwrite: bool, **create_kwargs) -> bool:
     """Create the store, or reuse it for a resume when its fingerprint matches.
 
     Returns:
@@ -116,7 +148,7 @@ def prepare_store(path: Path, fingerprint: str, *, overwrite: bool, **create_kwa
         OutputExistsError: ``path`` exists with another fingerprint (or is not a store) and
             ``overwrite`` is False.
     """
-    if path.exists() and not overwrite:
+    if store_exists(path) and not overwrite:
         found = store_fingerprint(path)
         if found == fingerprint:
             return True
@@ -126,32 +158,32 @@ def prepare_store(path: Path, fingerprint: str, *, overwrite: bool, **create_kwa
     return False
 
 
-def done_blocks(path: Path) -> np.ndarray:
+def done_blocks(path: StoreLocation) -> np.ndarray:
     """The (block_rows, block_cols) bool array of blocks already written."""
-    return zarr.open_group(path, mode="r")["block_done"][:].astype(bool)
+    return zarr.open_group(zarr_store(path), mode="r")["block_done"][:].astype(bool)
 
 
-def write_block(path: Path, block: Block, result: BlockResult) -> None:
+def write_block(path: StoreLocation, block: Block, result: BlockResult) -> None:
     """Write a block's core into the store, then mark the block done (a rewrite gives the same bytes).
 
     Raises:
         OutputWriteError: the store cannot be written (full disk, permissions); the block stays undone.
     """
     try:
-        group = zarr.open_group(path, mode="r+")
+        group = zarr.open_group(zarr_store(path), mode="r+")
         ys, xs = slice(block.core.y0, block.core.y1), slice(block.core.x0, block.core.x1)
         group["class_id"][ys, xs] = result.class_id
         group["confidence"][ys, xs] = result.confidence
         if result.probabilities is not None and "probability" in group:
             group["probability"][:, ys, xs] = result.probabilities
         group["block_done"][block.row, block.col] = 1
-    except OSError as err:
-        raise write_error(path, err) from err
+    except STORAGE_ERRORS as err:
+        raise _failed(path, err) from err
 
 
-def iter_chunks(path: Path, name: str) -> Iterator[tuple[Box, np.ndarray]]:
+def iter_chunks(path: StoreLocation, name: str) -> Iterator[tuple[Box, np.ndarray]]:
     """Yield ``(box, values)`` for each chunk of a (y, x) variable, row-major; one chunk in memory."""
-    array = zarr.open_group(path, mode="r")[name]
+    array = zarr.open_group(zarr_store(path), mode="r")[name]
     (h, w), (ch, cw) = array.shape, array.chunks
     for y0 in range(0, h, ch):
         for x0 in range(0, w, cw):
@@ -159,6 +191,6 @@ def iter_chunks(path: Path, name: str) -> Iterator[tuple[Box, np.ndarray]]:
             yield box, array[box.y0 : box.y1, box.x0 : box.x1]
 
 
-def open_store(path: Path) -> xr.Dataset:
+def open_store(path: StoreLocation) -> xr.Dataset:
     """Open the store lazily as an xarray Dataset with its CRS and transform attached."""
-    return xr.open_zarr(path, mask_and_scale=False)
+    return xr.open_zarr(zarr_store(path), mask_and_scale=False)

@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import rasterio
@@ -34,7 +33,7 @@ class BlockJob:
 
     scene: str
     bands: tuple[int, ...]
-    checkpoint: str
+    checkpoint: str  # a path or a URL (fetched once per machine)
     checkpoint_sha256: str
     scales: tuple[float, ...]
     flip: bool
@@ -42,7 +41,7 @@ class BlockJob:
     batch_size: int
     margin: int
     probabilities: bool
-    store: str
+    store: str  # a folder or a URL: workers write there directly
     torch_threads: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -113,6 +112,6 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
                 )
             del image
             finish_write()
-            writing = writer.submit(write_block, Path(job.store), block, result)
+            writing = writer.submit(write_block, job.store, block, result)
         finish_write()
     return sum(len(b.tiles) for b in blocks)
