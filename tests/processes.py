@@ -72,14 +72,15 @@ def run(
     env: dict[str, str] | None = None,
     on_line: Callable[[str, subprocess.Popen], None] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    cwd: Path = ROOT,
 ) -> Finished:
-    """Run ``cmd`` in its own session, recording its descendants; ``on_line`` sees each stderr line.
+    """Run ``cmd`` in ``cwd``, in its own session, recording its descendants; ``on_line`` sees each stderr line.
 
     The command is killed (and the test fails on its result) when it runs past ``timeout``.
     """
     started = time.monotonic()
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
     )
     seen: dict[int, str] = {}
