@@ -1,4 +1,4 @@
-"""Dask clients from settings: a local process cluster, a local CUDA cluster, or an existing scheduler.
+"""Dask clients from settings: a local (CUDA) cluster, SLURM or PBS jobs, or an existing scheduler.
 
 GPU workers advertise a ``GPU`` resource (one per worker) and inference tasks ask for it, so a mixed
 cluster never runs a block on a CPU-only worker by accident.
@@ -20,7 +20,9 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from geoseg.errors import ConfigError
 
 if TYPE_CHECKING:
-    from geoseg.config import PredictConfig
+    from dask_jobqueue.core import JobQueueCluster
+
+    from geoseg.config import BatchCluster, PredictConfig
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,46 @@ class IgnoreCtrlC(WorkerPlugin):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def jobqueue_cluster(spec: BatchCluster, *, threads: int = 1) -> JobQueueCluster:
+    """A dask-jobqueue cluster of SLURM or PBS jobs as ``spec`` says; nothing is submitted until it is scaled.
+
+    Each job runs one worker process with one task thread (blocks run one at a time, torch uses
+    ``threads`` of the job's ``spec.cores`` CPUs, as on a local cluster) after ``spec.prologue``. The
+    scheduler runs in this process.
+    """
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    directives = list(spec.directives)
+    common = dict(
+        cores=1, processes=1, memory=spec.memory, walltime=spec.walltime, queue=spec.queue, account=spec.account,
+        job_script_prologue=[f"export OMP_NUM_THREADS={threads}", *spec.prologue], interface=spec.interface,
+        worker_extra_args=["--resources", f"{GPU_RESOURCE}={spec.gpus}"] if spec.gpus else [],
+        job_name="geoseg-worker", silence_logs="error",
+    )
+    if spec.kind == "slurm":
+        if spec.gpus:
+            directives.append(f"--gres=gpu:{spec.gpus}")
+        return SLURMCluster(job_cpu=spec.cores, job_extra_directives=directives, **common)
+    gpus = f":ngpus={spec.gpus}" if spec.gpus else ""
+    return PBSCluster(resource_spec=f"select=1:ncpus={spec.cores}:mem={spec.memory}{gpus}",
+                      job_extra_directives=directives, **common)
+
+
+@contextmanager
+def jobqueue_client(spec: BatchCluster, *, threads: int = 1) -> Iterator[Client]:
+    """Submit ``spec.jobs`` worker jobs, yield a client once the first worker has joined; cancel them on exit."""
+    with jobqueue_cluster(spec, threads=threads) as cluster:
+        cluster.scale(jobs=spec.jobs)
+        log.info("submitted %d %s job(s); waiting for the first worker to start", spec.jobs, spec.kind.upper())
+        with Client(cluster) as client:
+            client.wait_for_workers(1)
+            yield client
+
+
 def cluster_for(config: PredictConfig) -> AbstractContextManager[Client | None]:
-    """The cluster a predict run's settings ask for: none for one local worker, else :func:`dask_client`."""
+    """The cluster the settings ask for: SLURM/PBS jobs, none for one local worker, or :func:`dask_client`."""
+    if config.cluster is not None:
+        return jobqueue_client(config.cluster, threads=config.threads)
     if config.workers == 1 and not config.scheduler:
         return nullcontext(None)
     return dask_client(workers=config.workers, scheduler=config.scheduler, device=config.device, threads=config.threads)

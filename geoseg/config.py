@@ -117,9 +117,29 @@ class ClassSchema(_Settings):
 #: Predict settings that never change an output byte: where the work runs (design decision 4).
 #: Every other setting shapes the outputs (``batch_size`` too: it changes the last bits of float
 #: probabilities on the CPU).
-RUNTIME_ONLY = frozenset({"workers", "scheduler"})
+RUNTIME_ONLY = frozenset({"workers", "scheduler", "cluster"})
 #: Predict settings that shape only the polygons, not the rasters a run's store holds.
 POLYGONS_ONLY = frozenset({"vectorize", "vector_format", "min_area", "simplify"})
+
+
+class BatchCluster(_Settings):
+    """A cluster of batch-scheduler jobs (SLURM or PBS through dask-jobqueue), one Dask worker per job.
+
+    The scheduler runs in the ``geoseg predict`` process; each job runs ``dask worker`` with the
+    settings below (see ``geoseg.cluster.jobqueue_cluster`` and the README's SLURM recipe).
+    """
+
+    kind: Literal["slurm", "pbs"]
+    jobs: int = Field(1, ge=1, description="worker jobs to submit")
+    cores: int = Field(4, ge=1, description="CPU cores per job")
+    memory: str = Field("16GB", description="memory per job, e.g. 32GB")
+    walltime: str = Field("01:00:00", description="wall-time limit per job, HH:MM:SS")
+    queue: str | None = Field(None, description="partition (SLURM) or queue (PBS)")
+    account: str | None = Field(None, description="account to charge")
+    gpus: int = Field(0, ge=0, description="GPUs per job (SLURM --gres=gpu:N); its worker offers the GPU resource")
+    directives: tuple[str, ...] = Field((), description="extra #SBATCH/#PBS options, e.g. --constraint=a100")
+    prologue: tuple[str, ...] = Field((), description="shell lines run before the worker, e.g. module load")
+    interface: str | None = Field(None, description="network interface the scheduler and workers listen on, e.g. ib0")
 
 
 class PredictConfig(_Settings):
@@ -141,6 +161,7 @@ class PredictConfig(_Settings):
         1, ge=1, description="torch CPU threads per worker, fixed so any worker count gives the same bytes"
     )
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    cluster: BatchCluster | None = Field(None, description="submit the workers as SLURM/PBS jobs (dask-jobqueue)")
     bands: tuple[int | str, ...] | None = Field(
         None, min_length=1,
         description="scene bands in the model's order, 1-based indexes or descriptions (None: match by name or count)",

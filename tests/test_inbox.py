@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from geoseg.config import POLYGONS_ONLY, RUNTIME_ONLY, PredictConfig
+from geoseg.config import POLYGONS_ONLY, RUNTIME_ONLY, BatchCluster, PredictConfig
 from geoseg.errors import BandMismatchError
 from geoseg.inbox import (
     LEDGER,
@@ -184,7 +184,8 @@ def test_scene_keys_and_store_fingerprints_follow_one_rule(tiny_checkpoint, tmp_
     base = PredictConfig(block_size=256)
     changes = {"batch_size": 3, "margin": 16, "threads": 2, "flip": True, "scales": (1.0, 1.5), "probabilities": True,
                "tile_size": 128, "min_area": 900.0, "simplify": 15.0, "vector_format": "shp",
-               "vectorize": False, "workers": 2, "scheduler": "tcp://x:8786"}
+               "vectorize": False, "workers": 2, "scheduler": "tcp://x:8786",
+               "cluster": BatchCluster(kind="slurm", jobs=2)}
     assert set(changes) | {"block_size", "device", "bands"} == set(PredictConfig.model_fields)
     base_print = plan_run(NC_SCENE, tiny_checkpoint, tmp_path / "a", config=base).fingerprint
     for name, value in changes.items():

@@ -165,7 +165,9 @@ def test_outputs_already_there_are_kept(s3, tiny_checkpoint, tmp_path):
     put(f"{out}/{NC_SCENE.stem}_classes.tif", NC_SCENE)
     finished = run(cli("predict", NC_SCENE, "-c", tiny_checkpoint, "-o", out), timeout=120)
     assert finished.returncode == 2
-    assert finished.stderr.strip().splitlines()[-1].endswith("already exists. Pick another output folder or pass --overwrite.")
+    last = finished.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"{NC_SCENE.stem}_classes.tif: already exists. Pick another output folder or pass "
+                         "--overwrite.")
 
 
 @pytest.mark.parametrize(("case", "expected"), [
