@@ -12,6 +12,7 @@ appear in messages: :func:`redact` drops user info and query strings (signed URL
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -56,6 +57,20 @@ def basename(location: str | Path) -> str:
 def stem(location: str | Path) -> str:
     """The file name without its last suffix (names the outputs of a scene)."""
     return PurePosixPath(basename(location)).stem
+
+
+#: URL scheme → GDAL virtual file system.
+_VSI = {"s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/"}
+
+
+def gdal_path(location: str | Path) -> str:
+    """What GDAL itself opens (e.g. inside a VRT): ``/vsis3/bucket/key``, ``/vsicurl/https://...``, a path."""
+    if not is_url(location):
+        return str(Path(location).resolve())
+    parts = urlsplit(location)
+    if parts.scheme in _VSI:
+        return f"{_VSI[parts.scheme]}{parts.netloc}{parts.path}"
+    return f"/vsicurl/{location}"
 
 
 def redact(url: str) -> str:
@@ -145,6 +160,22 @@ def _download(url: str, out: BinaryIO) -> None:
     store, name = split(url)
     for chunk in obstore.get(store, name).stream():
         out.write(chunk)
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object at ``url`` (for small ones: STAC Items).
+
+    Raises:
+        SceneNotFoundError, StorageError: as :func:`head`.
+    """
+    out = io.BytesIO()
+    try:
+        _download(url, out)
+    except urllib.error.HTTPError as err:
+        raise storage_error(url, FileNotFoundError(url) if err.code == 404 else err) from None
+    except STORAGE_ERRORS as err:
+        raise storage_error(url, err) from None
+    return out.getvalue()
 
 
 def version(location: str | Path) -> tuple:

@@ -159,7 +159,7 @@ def plan_run(
     sha = file_sha256(local)
     scaling = contract.for_scene(info, bands)  # normalisation == "scene": the scene's own band statistics
     job = BlockJob(
-        scene=location_str(scene), bands=bands, checkpoint=location_str(checkpoint),
+        scene=info.source or location_str(scene), bands=bands, checkpoint=location_str(checkpoint),
         checkpoint_sha256=sha, scales=config.scales, flip=config.flip, device=device.type,
         batch_size=config.batch_size, margin=margin, probabilities=config.probabilities,
         store=f"{remote}/prediction.zarr" if remote else str((folder / "prediction.zarr").resolve()),
@@ -300,7 +300,7 @@ def finalise(plan: RunPlan, *, overwrite: bool = False) -> dict[str, str]:
         ]
         for cog in cogs:
             cog.result()
-    write_bytes(plan.quicklook, quicklook_png(plan.scene.path, plan.class_map, plan.contract.classes))
+    write_bytes(plan.quicklook, quicklook_png(plan.scene.opens, plan.class_map, plan.contract.classes))
     return {"class_map": str(plan.class_map), "class_style": str(style_path(plan.class_map)),
             "confidence": str(plan.confidence_map), "quicklook": str(plan.quicklook), "store": str(plan.store)}
 

@@ -24,6 +24,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import BandMismatchError, InvalidSceneError, SceneNotFoundError
 from geoseg.location import basename, configure_gdal, head, is_url, redact, stem
+from geoseg.stac import is_stac, item_scene
 from geoseg.tiling import Box
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ class SceneInfo:
     band_names: tuple[str, ...]
     block_shapes: tuple[tuple[int, int], ...]
     alpha: tuple[int, ...] = ()
+    source: str | None = None
+    label: str | None = None
+
+    @property
+    def opens(self) -> Path | str:
+        """What GDAL opens: the file or URL, or the VRT a STAC Item was resolved into."""
+        return self.source or self.path
 
     @property
     def name(self) -> str:
@@ -70,8 +78,8 @@ class SceneInfo:
 
     @property
     def stem(self) -> str:
-        """The file name without its suffix: names the scene's outputs."""
-        return stem(self.path)
+        """What names the scene's outputs: the STAC Item's id, else the file name without its suffix."""
+        return self.label or stem(self.path)
 
     @property
     def data_bands(self) -> tuple[int, ...]:
@@ -131,7 +139,7 @@ def _fail(path: Path | str, what: str, fix: str) -> InvalidSceneError:
 
 
 def open_scene(path: str | Path) -> SceneInfo:
-    """Open ``path`` and validate it as a scene.
+    """Open ``path`` (a file, a URL, or a STAC Item's JSON: see :mod:`geoseg.stac`) and validate it as a scene.
 
     Checks that the file exists and is a raster GDAL can read to its last block, has a CRS and a
     north-up geotransform, and a supported pixel type.
@@ -146,10 +154,12 @@ def open_scene(path: str | Path) -> SceneInfo:
         path = Path(path)
         if not path.exists():
             raise SceneNotFoundError(f"{path}: no such file. Check the path (relative paths start at {Path.cwd()}).")
+    with gdal_env():
+        item = item_scene(path) if is_stac(path) else None
     try:
         with warnings.catch_warnings(), gdal_env():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
+            src = rasterio.open(item.vrt if item else path)
     except RasterioIOError as err:
         raise _fail(path, f"not a raster GDAL can read ({redact(str(err))})",
                     "Pass a GeoTIFF or another GDAL raster.") from None
@@ -179,6 +189,8 @@ def open_scene(path: str | Path) -> SceneInfo:
             band_names=tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions)),
             block_shapes=tuple(tuple(b) for b in src.block_shapes),
             alpha=tuple(i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha),
+            source=item.vrt if item else None,
+            label=item.id if item else None,
         )
 
 
@@ -327,7 +339,7 @@ def band_stats(
     total = np.zeros(len(bands))
     total_sq = np.zeros(len(bands))
     n = 0
-    with gdal_env(), rasterio.open(scene.path) as src:
+    with gdal_env(), rasterio.open(scene.opens) as src:
         for _ in range(windows if (h, w) != scene.shape else 1):
             y = int(rng.integers(0, scene.height - h + 1))
             x = int(rng.integers(0, scene.width - w + 1))
@@ -374,5 +386,5 @@ def _require_some_valid(src: rasterio.DatasetReader, scene: SceneInfo, *, strips
 
 def require_valid_pixels(scene: SceneInfo) -> None:
     """Raise :class:`InvalidSceneError` if the scene has no valid pixel (checked on a coarse mask)."""
-    with gdal_env(), rasterio.open(scene.path) as src:
+    with gdal_env(), rasterio.open(scene.opens) as src:
         _require_some_valid(src, scene)

@@ -31,7 +31,7 @@ from geoseg.tiling import Block
 class BlockJob:
     """What a worker needs to process blocks: small, picklable, identical for every block of a run."""
 
-    scene: str
+    scene: str  # a path, a URL or a STAC Item's VRT (XML): what GDAL opens
     bands: tuple[int, ...]
     checkpoint: str  # a path or a URL (fetched once per machine)
     checkpoint_sha256: str

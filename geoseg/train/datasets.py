@@ -227,7 +227,7 @@ def _load_scene(spec: SceneLabels, schema: ClassSchema, *, label_value: int | No
     bands = resolve_bands(scene, spec.bands)
     labels = read_labels(spec.labels, scene.path, schema, label_field=spec.label_field, label_value=label_value,
                          background=background)
-    with gdal_env(), rasterio.open(scene.path) as src:
+    with gdal_env(), rasterio.open(scene.opens) as src:
         valid = np.all(src.read_masks(list(bands)) > 0, axis=0)
     labels[~valid] = schema.ignore_index
     names = tuple(scene.band_names[b - 1] for b in bands)
