@@ -58,6 +58,7 @@ from geoseg.inbox import (
     take_inventory,
     write_ledger,
 )
+from geoseg.location import basename
 
 try:
     from flows.predict import predict, quicklook_markdown
@@ -113,7 +114,7 @@ def report_task(rows: list[dict[str, Any]], out_root: str) -> str:
     )
     markdown = report_markdown(rows, out_root=out_root, ui_url=PREFECT_UI_URL.value())
     create_markdown_artifact(key="batch-report", markdown=markdown, description="Outcome of this batch")
-    looks = [quicklook_markdown(Path(r["scene"]).name, Path(r["outputs"]["quicklook"]), level=2)
+    looks = [quicklook_markdown(basename(r["scene"]), Path(r["outputs"]["quicklook"]), level=2)
              for r in rows if r["status"] == "processed" and "quicklook" in (r.get("outputs") or {})]
     if looks:
         create_markdown_artifact(key="batch-quicklooks", markdown="# Quick-looks\n\n" + "\n".join(looks),

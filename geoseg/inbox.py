@@ -1,6 +1,7 @@
 """The inbox of scenes and the ledger of what was processed: the bookkeeping of a scheduled batch.
 
-A scene is keyed by the SHA-256 of its bytes, of the settings that shape the output and of the
+A scene is keyed by the SHA-256 of its bytes (of its size and ETag for an object on storage,
+:func:`object_key`), of the settings that shape the output and of the
 checkpoint (:func:`scene_key`), so it is processed once per model and settings, whatever its file name
 or date; a copy delivered twice is skipped. Its outputs go to ``OUT_ROOT/<scene stem>-<key[:12]>/``
 (:func:`output_dir`), and a finished ``summary.json`` there is the proof of a result (:func:`is_finished`).
@@ -30,6 +31,8 @@ from geoseg.atomic import write_text
 from geoseg.checkpoint import file_sha256
 from geoseg.config import PredictConfig
 from geoseg.errors import GeosegError
+from geoseg.location import is_url, list_prefix, stem, version
+from geoseg.stac import collection_items, is_item_collection, is_stac
 
 #: The ledger file in ``out_root``.
 LEDGER = "processed.json"
@@ -55,15 +58,30 @@ class Scene:
 # The inbox: finding scenes and keying them.
 
 
-def find_scenes(inbox: str | Path | Sequence[str | Path], *, exclude: str | Path | None = None) -> list[Path]:
-    """The scene files named by ``inbox``: a folder (its ``*.tif``/``*.tiff``), a glob, a file, or a list.
+def find_scenes(
+    inbox: str | Path | Sequence[str | Path], *, exclude: str | Path | None = None
+) -> list[Path | str]:
+    """The scenes named by ``inbox``: a folder, a glob, a file, a URL, a prefix, an ItemCollection, or a list.
 
+    A folder gives its ``*.tif``/``*.tiff``, an object-storage prefix ending in ``/`` (``s3://b/in/``)
+    its ``*.tif``/``*.tiff`` objects, a STAC ItemCollection (``*.json``) its Items' ``self`` links.
     Hidden files (``.name``, e.g. partial copies) and anything under ``exclude`` (the output root) are
     left out; paths that do not exist are kept, so the inventory reports them.
     """
     items = [inbox] if isinstance(inbox, str | Path) else list(inbox)
     found: list[Path] = []
+    urls: list[str] = []
     for item in items:
+        if is_url(item) and str(item).endswith("/"):
+            urls += list_prefix(str(item), SCENE_SUFFIXES)
+            continue
+        if is_stac(item) and (is_url(item) or Path(item).is_file()) and is_item_collection(item):
+            urls += [u for u in collection_items(item) if is_url(u)]
+            found += [Path(u) for u in collection_items(item) if not is_url(u)]
+            continue
+        if is_url(item):
+            urls.append(str(item))
+            continue
         text = os.path.expanduser(str(item))
         if any(c in text for c in "*?["):
             found += [Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file()]
@@ -81,7 +99,7 @@ def find_scenes(inbox: str | Path | Sequence[str | Path], *, exclude: str | Path
         if p.name.startswith(".") or (skip and full.is_relative_to(skip)):
             continue
         unique.setdefault(full, full)
-    return list(unique)
+    return [*unique, *dict.fromkeys(urls)]
 
 
 def settings_sha256(config: PredictConfig) -> str:
@@ -96,7 +114,7 @@ def scene_key(scene_sha256: str, settings_hash: str, checkpoint_sha256: str) -> 
 
 def output_dir(out_root: str | Path, scene: str | Path, key: str) -> Path:
     """``out_root/<scene stem>-<key[:12]>``."""
-    return Path(out_root) / f"{Path(scene).stem}-{key[:SHORT_KEY]}"
+    return Path(out_root) / f"{stem(scene)}-{key[:SHORT_KEY]}"
 
 
 def is_finished(out_dir: str | Path) -> bool:
@@ -141,6 +159,15 @@ def ledger_entry(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def object_key(url: str) -> str:
+    """What stands for an object's bytes in its key: its size and ETag (the store's own content hash).
+
+    Reading a whole object to hash it would download every scene of a bucket every night.
+    """
+    size, tag = version(url)
+    return hashlib.sha256(f"object\n{size}\n{tag}".encode()).hexdigest()
+
+
 def _sha256_cached(path: Path, files: dict[str, Any]) -> str:
     """SHA-256 of ``path``, reusing the ledger's entry while size and mtime are unchanged."""
     st = path.stat()
@@ -157,7 +184,7 @@ def _sha256_cached(path: Path, files: dict[str, Any]) -> str:
 
 
 def plan_batch(
-    paths: Sequence[Path],
+    paths: Sequence[Path | str],
     out_root: Path,
     ledger: dict[str, Any],
     *,
@@ -172,15 +199,22 @@ def plan_batch(
     scenes: list[Scene] = []
     first: dict[str, str] = {}
     for path in paths:
-        if not path.is_file():
+        if is_url(path):
+            try:
+                sha = object_key(path)
+            except GeosegError as err:
+                scenes.append(Scene(path, "failed", note=str(err)))
+                continue
+        elif not path.is_file():
             what = "is not a file" if path.exists() else "no such file"
             scenes.append(Scene(str(path), "failed", note=f"{path}: {what}. Check the inbox path or glob."))
             continue
-        try:
-            sha = _sha256_cached(path, ledger["files"])
-        except OSError as err:
-            scenes.append(Scene(str(path), "failed", note=f"{path}: cannot read it ({err.strerror or err})."))
-            continue
+        else:
+            try:
+                sha = _sha256_cached(path, ledger["files"])
+            except OSError as err:
+                scenes.append(Scene(str(path), "failed", note=f"{path}: cannot read it ({err.strerror or err})."))
+                continue
         key = scene_key(sha, settings_hash, checkpoint_sha256)
         entry = ledger["scenes"].get(key, {})
         out = Path(entry["out_dir"]) if entry.get("out_dir") else output_dir(out_root, path, key)

@@ -162,6 +162,23 @@ def _download(url: str, out: BinaryIO) -> None:
         out.write(chunk)
 
 
+def list_prefix(url: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The URLs of the objects under the prefix ``url`` whose names end with one of ``suffixes``, sorted.
+
+    Hidden names (a part starting with ``.``) are left out.
+
+    Raises:
+        StorageError: no such bucket, access denied, or the store cannot be reached.
+    """
+    base = url.rstrip("/")
+    try:
+        paths = [m["path"] for batch in obstore.list(store_for(base)) for m in batch]
+    except STORAGE_ERRORS as err:
+        raise storage_error(url, err) from None
+    keep = (p for p in paths if p.lower().endswith(suffixes) and not any(part.startswith(".") for part in p.split("/")))
+    return [f"{base}/{p}" for p in sorted(keep)]
+
+
 def read_bytes(url: str) -> bytes:
     """The whole object at ``url`` (for small ones: STAC Items).
 

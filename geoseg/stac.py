@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -56,6 +57,40 @@ class _Band:
     index: int  # 1-based band of the asset's file
 
 
+def _document(location: str | Path) -> dict:
+    try:
+        return json.loads(read_bytes(location) if is_url(location) else Path(location).read_bytes())
+    except ValueError as err:
+        raise InvalidSceneError(f"{redact(str(location))}: not JSON ({err}). "
+                                "Pass a STAC Item (.json) or a raster.") from None
+
+
+def is_item_collection(location: str | Path) -> bool:
+    """Whether the JSON document at ``location`` is a STAC ItemCollection (a FeatureCollection of Items)."""
+    return is_stac(location) and _document(location).get("type") == "FeatureCollection"
+
+
+def collection_items(location: str | Path) -> list[str]:
+    """Where each Item of the ItemCollection at ``location`` lives: its ``self`` link, made absolute.
+
+    Raises:
+        InvalidSceneError: an Item has no ``self`` link (geoseg reads every scene from where it lives).
+    """
+    doc = _document(location)
+    out = []
+    for i, feature in enumerate(doc.get("features", [])):
+        href = next((link["href"] for link in feature.get("links", []) if link.get("rel") == "self"), None)
+        if href is None:
+            raise InvalidSceneError(f"{redact(str(location))}: item {feature.get('id', i)!r} has no 'self' link. "
+                                    "Give each Item a self link to its JSON, or list the Items' URLs.")
+        if is_url(location):
+            href = urljoin(str(location), href)
+        elif not is_url(href) and not Path(href).is_absolute():
+            href = str(Path(location).resolve().parent / href)
+        out.append(href)
+    return out
+
+
 def read_item(location: str | Path) -> pystac.Item:
     """The STAC Item at ``location`` (a path or URL), its relative asset hrefs resolved against it.
 
@@ -63,10 +98,7 @@ def read_item(location: str | Path) -> pystac.Item:
         InvalidSceneError: the JSON is not a STAC Item (e.g. an ItemCollection, or not STAC at all).
     """
     where = redact(str(location))
-    try:
-        doc = json.loads(read_bytes(location) if is_url(location) else Path(location).read_bytes())
-    except ValueError as err:
-        raise InvalidSceneError(f"{where}: not JSON ({err}). Pass a STAC Item (.json) or a raster.") from None
+    doc = _document(location)
     if doc.get("type") != "Feature" or "stac_version" not in doc:
         kind = "an ItemCollection" if doc.get("type") == "FeatureCollection" else "not a STAC Item"
         raise InvalidSceneError(f"{where}: {kind}. Pass one STAC Item per scene.")

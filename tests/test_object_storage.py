@@ -200,3 +200,34 @@ def test_open_scene_by_url_reports_the_object(s3):
     info, local = open_scene(url), open_scene(NC_SCENE)
     assert (info.name, info.stem, info.shape, info.band_names) == ("info.tif", "info", local.shape, local.band_names)
     assert info.crs == local.crs and info.transform == local.transform
+
+
+def test_batch_inbox_on_a_prefix_keys_objects_by_etag(s3, tiny_checkpoint, tmp_path):
+    from geoseg.inbox import take_inventory
+
+    prefix = f"s3://{BUCKET}/inbox/"
+    put(f"{prefix}a.tif", NC_SCENE)
+    put(f"{prefix}sub/copy-of-a.tif", NC_SCENE)
+    put(f"{prefix}b.tif", scene_file(tmp_path))
+    put(f"{prefix}.partial.tif", NC_SCENE)
+    put(f"{prefix}notes.txt", NC_SCENE)
+    scenes, _ = take_inventory(prefix, tiny_checkpoint, tmp_path / "out", CFG)
+    assert [(s.scene.removeprefix(prefix), s.status) for s in scenes] == [
+        ("a.tif", "todo"), ("b.tif", "todo"), ("sub/copy-of-a.tif", "skipped")]
+    assert scenes[2].note == f"same content as {prefix}a.tif"
+    assert Path(scenes[0].out_dir).name.startswith("a-")
+    [missing] = take_inventory(f"s3://{BUCKET}/inbox/gone.tif", tiny_checkpoint, tmp_path / "out", CFG)[0]
+    assert missing.status == "failed" and "no such object" in missing.note
+
+
+def scene_file(tmp_path: Path) -> Path:
+    """A second scene: the NC sample with its first band changed."""
+    import rasterio
+
+    path = tmp_path / "b.tif"
+    with rasterio.open(NC_SCENE) as src:
+        profile, data = src.profile, src.read()
+    data[0] = 255 - data[0]
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path

@@ -104,3 +104,20 @@ def test_items_that_cannot_be_a_scene_fail_in_one_line(tiny_checkpoint, tmp_path
         band.crs = "EPSG:32617"
     with pytest.raises(InvalidSceneError, match="2 different CRSs"):
         open_scene(item)
+
+
+def test_an_item_collection_is_a_batch_inbox_of_its_items(tiny_checkpoint, tmp_path):
+    from geoseg.inbox import take_inventory
+
+    item = make_item(tmp_path / "item")
+    doc = json.loads(item.read_text())
+    doc["links"] = [{"rel": "self", "href": "./item/item.json"}]
+    collection = tmp_path / "collection.json"
+    collection.write_text(json.dumps({"type": "FeatureCollection", "features": [doc]}))
+    [scene] = take_inventory(str(collection), tiny_checkpoint, tmp_path / "out", CFG)[0]
+    assert (scene.scene, scene.status) == (str(item), "todo")
+    assert Path(scene.out_dir).parent == tmp_path / "out"
+    doc["links"] = []
+    collection.write_text(json.dumps({"type": "FeatureCollection", "features": [doc]}))
+    with pytest.raises(InvalidSceneError, match="has no 'self' link"):
+        take_inventory(str(collection), tiny_checkpoint, tmp_path / "out", CFG)
