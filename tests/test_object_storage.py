@@ -231,3 +231,26 @@ def scene_file(tmp_path: Path) -> Path:
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
+
+
+def test_predict_flow_runs_on_object_storage(s3, harness, tiny_checkpoint, tmp_path):
+    from conftest import flow_run_artifacts
+
+    from flows.predict import predict
+
+    scene = put(f"s3://{BUCKET}/scenes/flow.tif", NC_SCENE)
+    model = put(f"s3://{BUCKET}/models/flow.pt", tiny_checkpoint)
+    out = f"s3://{BUCKET}/runs/flow"
+    state = predict(scene, model, out, config={"block_size": 128, "vectorize": False}, workers=1,
+                    return_state=True)
+    assert state.is_completed()
+    outputs = state.result()
+    assert outputs["class_map"] == f"{out}/flow_classes.tif" and outputs["summary"] == f"{out}/summary.json"
+    names = download(out, tmp_path)
+    assert {"flow_classes.tif", "flow_confidence.tif", "flow_quicklook.png", "summary.json"} <= set(names)
+    local = predict_raster(NC_SCENE, tiny_checkpoint, tmp_path / "local",
+                           config=PredictConfig(block_size=128, vectorize=False, workers=1))
+    assert (tmp_path / "flow_classes.tif").read_bytes() == Path(local.outputs["class_map"]).read_bytes()
+    for artifact in flow_run_artifacts(state.state_details.flow_run_id):
+        text = str(artifact.data)
+        assert s3.secret_key not in text and s3.access_key not in text
