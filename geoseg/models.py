@@ -119,7 +119,7 @@ def receptive_field(arch: str) -> int | None:
 
     Only the tiny stand-in has a small, exact one (15 px).  DeepLabV3, FCN and U-Net on ResNet or
     MobileNetV3 see hundreds of pixels (ASPP image pooling even sees the whole tile), so they report
-    ``None`` and :func:`geoseg.tiling.context_margin` takes its cap.
+    ``None`` and :func:`geoseg.tiling.context_margin` takes the measured seam-free margin.
     """
     _check_arch(arch)
     return _TINY_RECEPTIVE_FIELD if arch == "tiny" else None

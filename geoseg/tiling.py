@@ -74,24 +74,32 @@ class Box:
         return slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0)
 
 
+#: Context margin of networks whose receptive field exceeds any tile (ResNet, MobileNetV3, ASPP): the
+#: smallest margin whose seam index stays at or below 1.05 with every trained model, at its own tile and
+#: at 512 px (``bench/seams.py``; the README's "Seams and overlap" table).  Past it the seam index does
+#: not fall any further (it moves by +-0.05 from margin to margin), while every doubling of the margin
+#: costs more tiles.
+SEAM_FREE_MARGIN = 16
+
+
 def context_margin(tile: int, output_stride: int, receptive_field: int | None = None) -> int:
     """Width of the low-context band along a tile's edges.
 
-    ``margin = min(ceil(rf / 2 / q) * q, floor(tile / 4 / q) * q)`` with ``q = os / 2``: half the
-    receptive field ``rf`` (the reach of padding into the tile), rounded up to half the output stride
-    ``os``, and capped at a quarter tile so the stride stays at least half a tile.  Tile origins are
-    ``k * (tile - 2 * margin)`` (see the module docstring), so a margin on multiples of ``os / 2``
-    keeps them on the feature grid when the tile is a multiple of ``os`` (e.g. a 64 px tile at os 32
-    gets 16 px, not 0).  ``receptive_field=None`` (networks whose field exceeds any
-    tile, e.g. ResNet-50 with ASPP) takes the cap.
+    ``margin = min(ceil(r / q) * q, floor(tile / 4 / q) * q)`` with ``q = os / 2``: the reach ``r``
+    of zero padding into the tile, rounded up to half the output stride ``os``, and capped at a
+    quarter tile so the stride stays at least half a tile.  ``r`` is half the receptive field when
+    it is known and small (the tiny stand-in CNN), else :data:`SEAM_FREE_MARGIN` (``receptive_field
+    =None``: a network whose field exceeds any tile, e.g. ResNet-50 with ASPP, where the margin that
+    hides the seams was measured instead).  Tile origins are ``k * (tile - 2 * margin)`` (see the
+    module docstring), so a margin on multiples of ``os / 2`` keeps them on the feature grid when
+    the tile is a multiple of ``os``.
     """
     if tile % output_stride:
         raise ValueError(f"tile {tile} is not a multiple of the output stride {output_stride}")
     q = max(output_stride // 2, 1)
     cap = (tile // 4) // q * q
-    if receptive_field is None:
-        return cap
-    return min(math.ceil(receptive_field / 2 / q) * q, cap)
+    reach = SEAM_FREE_MARGIN if receptive_field is None else receptive_field / 2
+    return min(math.ceil(reach / q) * q, cap)
 
 
 #: The last tile's origin is moved back to a multiple of this: the feature grid of every network here.

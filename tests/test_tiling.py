@@ -79,10 +79,11 @@ def test_small_raster_one_tile():
 
 
 def test_context_margin_formula():
-    assert context_margin(640, 16) == 160  # no finite receptive field -> a quarter tile
+    assert context_margin(640, 16) == 16  # no finite receptive field -> the measured seam-free margin
+    assert context_margin(512, 32) == 16 and context_margin(1024, 32) == 16
     assert context_margin(640, 16, receptive_field=15) == 8  # ceil(7.5/8)*8: on half the output stride
     assert context_margin(64, 32) == 16  # a 64 px DeepLabV3 tile still overlaps its neighbours
-    assert context_margin(320, 32) == 80
+    assert context_margin(32, 32) == 0  # the cap: a quarter tile, on the feature grid
     assert context_margin(64, 1, receptive_field=15) == 8
     assert context_margin(64, 1, receptive_field=1000) == 16
     with pytest.raises(ValueError):
