@@ -52,7 +52,7 @@ _EXPORTS = {
     "open_scene": "geoseg.raster",
     "read_window": "geoseg.raster",
     "resolve_bands": "geoseg.raster",
-    "blend_block": "geoseg.stitch",
+    "stitch_blocks": "geoseg.stitch",
     "seam_index": "geoseg.stitch",
     "Block": "geoseg.tiling",
     "Box": "geoseg.tiling",

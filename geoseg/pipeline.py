@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -57,9 +57,18 @@ from geoseg.publish import check_prefix, existing, publish, remote_url, staging_
 from geoseg.raster import SceneInfo, open_scene, pixel_areas_m2, require_valid_pixels, resolve_bands
 from geoseg.runlock import check_unlocked, run_lock
 from geoseg.stitch import CLASS_NODATA
-from geoseg.store import StoreLocation, done_blocks, iter_chunks, prepare_store, store_exists, store_fingerprint
-from geoseg.tiling import Block, TileGrid, align_block_size, block_layout, plan_blocks
-from geoseg.worker import BlockJob, process_blocks
+from geoseg.store import (
+    StoreLocation,
+    done_blocks,
+    has_partial,
+    iter_chunks,
+    prepare_store,
+    remove_partials,
+    store_exists,
+    store_fingerprint,
+)
+from geoseg.tiling import Block, Box, TileGrid, align_block_size, block_layout, plan_blocks
+from geoseg.worker import BlockJob, finish_blocks, process_blocks, resend_partials
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +123,7 @@ class RunPlan:
 
     @property
     def tiles(self) -> int:
-        """Model tiles over all blocks (tiles shared by neighbouring blocks count once per block)."""
+        """Model tiles the run runs: each lattice tile once, in the block that owns it."""
         return sum(len(b.tiles) for b in self.blocks)
 
 
@@ -171,6 +180,7 @@ def plan_run(
         "settings": config.output_settings(rasters_only=True),
         "checkpoint": sha, "bands": bands, "tile": tile, "margin": margin, "block_size": block_size,
         "device": device.type, "mean": scaling.mean, "std": scaling.std, "version": geoseg.__version__,
+        "stitch": "fixed-point sums, tiles owned by one block",
     }, sort_keys=True, default=str).encode()).hexdigest()
     plan = RunPlan(
         scene=info, contract=contract, config=config, grid=grid, block_size=block_size,
@@ -247,17 +257,21 @@ def block_groups(blocks: Sequence[Block], workers: int) -> list[tuple[Block, ...
 
 
 def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progress | None = None) -> tuple[int, int]:
-    """Create the store (or resume it), then process every block not yet done, here or over ``client``.
+    """Create the store (or resume it), run every block's tiles not run yet, then finish the shared cells.
+
+    Both passes (:mod:`geoseg.worker`) run here or over ``client``; the partial sums are removed once
+    every block is done.
 
     Returns:
         ``(computed, skipped)`` block counts.
     """
     resuming = prepare_outputs(plan)
-    done = done_blocks(plan.store)
+    done, tiled = done_blocks(plan.store), done_blocks(plan.store, "tiles_done")
     if resuming:
-        log.info("resuming: %d of %d blocks already done", int(done.sum()), len(plan.blocks))
-    todo = [b for b in plan.blocks if not done[b.row, b.col]]
-    skipped = len(plan.blocks) - len(todo)
+        log.info("resuming: the tiles of %d of %d blocks already ran", int(tiled.sum()), len(plan.blocks))
+    run_tiles = [b for b in plan.blocks if not tiled[b.row, b.col]]
+    to_finish = [b for b in plan.blocks if b.shared and not done[b.row, b.col]]
+    skipped = len(plan.blocks) - len(run_tiles)
     total = len(plan.blocks)
     finished = skipped
     if progress:
@@ -269,22 +283,60 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
         if progress:
             progress(finished, total)
 
+    ids = plan.contract.classes.ids
+    resend = missing_partials(plan, run_tiles, to_finish)
     if client is None:
-        process_blocks(plan.job, todo, on_block=one_more)
-        return len(todo), skipped
-    resources = {GPU_RESOURCE: 1} if plan.job.device == "cuda" and gpu_workers(client) else None
-    groups = block_groups(todo, len(client.scheduler_info()["workers"]))
-    # the job travels inside each task (a few hundred bytes): a broadcast scatter would name workers
-    # that may die before it lands
-    futures = client.map(
-        process_blocks, [plan.job] * len(groups), groups, resources=resources, pure=False,
-        key=[f"geoseg-blocks-{plan.fingerprint[:12]}-{g[0].row}-{g[0].col}" for g in groups],
-    )
-    size = {f.key: len(g) for f, g in zip(futures, groups, strict=True)}
+        process_blocks(plan.job, run_tiles, on_block=one_more)
+        resend_partials(plan.job, resend)
+        finish_blocks(plan.job, to_finish, ids)
+    else:
+        resources = {GPU_RESOURCE: 1} if plan.job.device == "cuda" and gpu_workers(client) else None
+        workers = len(client.scheduler_info()["workers"])
+        tag = plan.fingerprint[:12]
+        for group, _ in _fan_out(client, process_blocks, block_groups(run_tiles, workers), plan.job, resources,
+                                 f"geoseg-tiles-{tag}"):
+            one_more(len(group))
+        for _ in _fan_out(client, resend_partials, [tuple(resend)] if resend else [], plan.job, resources,
+                          f"geoseg-resend-{tag}"):
+            pass
+        for _ in _fan_out(client, finish_blocks, block_groups(to_finish, workers), plan.job, None,
+                          f"geoseg-finish-{tag}", ids):
+            pass
+    remove_partials(plan.store)
+    return len(run_tiles), skipped
+
+
+def missing_partials(
+    plan: RunPlan, run_tiles: Sequence[Block], to_finish: Sequence[Block]
+) -> list[tuple[Block, tuple[Box, ...]]]:
+    """The partial sums that blocks still to finish need but the store lacks, from blocks not rerun.
+
+    Only a resumed store can lack them (they are removed once every block is done): those owners
+    rerun just the tiles that reach the cells, and their cores are kept.
+    """
+    rerun = {b.key for b in run_tiles}
+    by_key = {b.key: b for b in plan.blocks}
+    wanted: dict[tuple[int, int], list[Box]] = {}
+    for block in to_finish:
+        for cell in block.shared:
+            for owner in cell.owners:
+                if owner not in rerun and not has_partial(plan.store, owner, cell.box):
+                    wanted.setdefault(owner, []).append(cell.box)
+    return [(by_key[k], tuple(boxes)) for k, boxes in sorted(wanted.items())]
+
+
+def _fan_out(client: Client, fn: Callable[..., int], groups: Sequence[tuple], job: BlockJob,
+             resources: dict[str, int] | None, prefix: str, *extra: Any) -> Iterator[tuple[tuple, int]]:
+    """Run ``fn(job, group, *extra)`` for each group as one Dask task; yield (group, result) as each ends.
+
+    The job travels inside each task (a few hundred bytes): a broadcast scatter would name workers
+    that may die before it lands.
+    """
+    futures = client.map(fn, [job] * len(groups), groups, *([e] * len(groups) for e in extra), resources=resources,
+                         pure=False, key=[f"{prefix}-{i}" for i in range(len(groups))])
+    group_of = {f.key: g for f, g in zip(futures, groups, strict=True)}
     for future in as_completed(futures):
-        future.result()
-        one_more(size[future.key])
-    return len(todo), skipped
+        yield group_of[future.key], future.result()
 
 
 def finalise(plan: RunPlan, *, overwrite: bool = False) -> dict[str, str]:

@@ -1,18 +1,22 @@
-"""Seam-free stitching: predict a block's tiles in batches and blend them into the block's core.
+"""Seam-free stitching: predict a block's tiles in batches and blend them, in fixed point.
 
 Each tile's probabilities are weighted by :func:`blend_window`, which is 1 in the tile's inner part
-and falls smoothly towards its edges over the low-context ``margin``; the core pixel's probability is
-the weighted mean over every lattice tile covering it::
+and falls smoothly towards its edges over the low-context ``margin``; a pixel's probability is the
+weighted mean over every lattice tile covering it::
 
     p(x) = sum_t w_t(x) p_t(x) / sum_t w_t(x)
 
-A block gets exactly the tiles that cover its core in the whole scene (:mod:`geoseg.tiling`), summed
-in the same order, so a blocked run equals a whole-scene run and block borders cannot show.
+Every tile runs once, in the block that owns it (:mod:`geoseg.tiling`); near block borders a pixel
+gets tiles of several blocks, whose partial sums meet in the store.  The sums are kept in fixed
+point (int64 in units of 2**-40, :data:`FIXED_POINT`): each product ``w * p`` is computed in float32
+and rounded once to an integer, and integer sums do not depend on their order or grouping.  So a
+pixel gets the same sums whichever blocks its tiles ran in, and a blocked run equals a whole-scene
+run to the bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import astuple, dataclass
 from functools import lru_cache
 
@@ -50,6 +54,11 @@ def blend_window(tile: int, margin: int) -> np.ndarray:
     return w
 
 
+#: Units of the fixed-point sums: 2**40 per 1.0 (probabilities and weights are at most 1; a pixel
+#: gets at most a few tiles, so the sums stay far below 2**63).
+FIXED_POINT = 2.0**40
+
+
 @dataclass(frozen=True)
 class BlockResult:
     """What a block writes: class ids, confidence (max probability) and optionally probabilities."""
@@ -59,72 +68,164 @@ class BlockResult:
     probabilities: np.ndarray | None = None
 
 
-def _batches(block: Block, batch_size: int) -> Iterator[tuple[Box, ...]]:
-    for i in range(0, len(block.tiles), batch_size):
-        yield block.tiles[i : i + batch_size]
+@dataclass(frozen=True)
+class Sums:
+    """Fixed-point sums over ``box``: ``acc`` (K, h, w) of weighted probabilities, ``weight`` (h, w) of weights."""
+
+    box: Box
+    acc: torch.Tensor
+    weight: torch.Tensor
+
+    def crop(self, box: Box) -> Sums:
+        """The sums over ``box`` (inside this one)."""
+        ys, xs = box.relative_to(self.box)
+        return Sums(box, self.acc[:, ys, xs], self.weight[ys, xs])
+
+    def __add__(self, other: Sums) -> Sums:
+        if other.box != self.box:
+            raise ValueError(f"sums over {self.box} and {other.box} do not add up")
+        return Sums(self.box, self.acc + other.acc.to(self.acc.device), self.weight + other.weight.to(self.acc.device))
 
 
-def blend_block(
-    block: Block,
+def _fixed(values: torch.Tensor) -> torch.Tensor:
+    return torch.round(values * FIXED_POINT).to(torch.int64)
+
+
+def _batches(tiles: Sequence[Box], batch_size: int) -> Iterator[Sequence[Box]]:
+    for i in range(0, len(tiles), batch_size):
+        yield tiles[i : i + batch_size]
+
+
+def accumulate(
+    tiles: Sequence[Box],
     image: torch.Tensor,
-    valid: np.ndarray,
+    read: Box,
     proba: ProbaFn,
     *,
     margin: int,
-    class_ids: tuple[int, ...],
     batch_size: int = 8,
-    keep_probabilities: bool = False,
     device: str | torch.device = "cpu",
-) -> BlockResult:
-    """Predict and blend one block on ``device``; only the results come back to the host.
-
-    The weighted sums run on the device with one multiply and one add per tile and pixel (no fused
-    multiply-add), tiles in block order, so every pixel gets the same float operations whatever the
-    blocking and whichever kernel path handles it.
+) -> Sums:
+    """Predict ``tiles`` in batches on ``device`` and sum their weighted probabilities over ``read``.
 
     Args:
-        block: the block to process.
-        image: normalised bands over ``block.read``, (C, h, w) float32, on ``device`` (or the CPU).
-        valid: validity over ``block.read``, (h, w) bool; invalid core pixels get :data:`CLASS_NODATA`.
+        tiles: the tiles to run, all inside ``read``.
+        image: normalised bands over ``read``, (C, h, w) float32, on ``device`` (or the CPU).
+        read: the box ``image`` covers.
         proba: class probabilities of a batch of tiles, on ``device`` (e.g. ``Predictor.proba``).
         margin: the tile grid's context margin (sets the blend window).
-        class_ids: class id of each probability channel.
         batch_size: tiles per forward call.
-        keep_probabilities: also return the blended (K, H, W) probabilities.
         device: where the image, the probabilities and the sums live.
     """
-    read, core = block.read, block.core
-    tile = block.tiles[0].height
     device = torch.device(device)
+    tile = tiles[0].height
     with torch.inference_mode():
         image = image.to(device)
         weights = torch.from_numpy(blend_window(tile, margin).copy()).to(device)
+        fixed_weights = _fixed(weights)
         acc: torch.Tensor | None = None
-        scratch: torch.Tensor | None = None
-        wsum = torch.zeros(core.shape, dtype=torch.float32, device=device)
-        for batch in _batches(block, batch_size):
+        weight = torch.zeros(read.shape, dtype=torch.int64, device=device)
+        for batch in _batches(tiles, batch_size):
             prob = proba(torch.stack([image[(slice(None), *t.relative_to(read))] for t in batch]))
             if acc is None:
-                acc = torch.zeros((prob.shape[1], *core.shape), dtype=torch.float32, device=device)
-                scratch = torch.empty((prob.shape[1], tile, tile), dtype=torch.float32, device=device)
+                acc = torch.zeros((prob.shape[1], *read.shape), dtype=torch.int64, device=device)
             for t, p in zip(batch, prob, strict=True):
-                part = t.intersection(core)
-                in_tile, in_core = part.relative_to(t), part.relative_to(core)
-                w = weights[in_tile]
-                weighted = scratch[:, : part.height, : part.width]
-                torch.mul(p[(slice(None), *in_tile)], w, out=weighted)
-                acc[(slice(None), *in_core)].add_(weighted)
-                wsum[in_core].add_(w)
-        assert acc is not None, "a block always has at least one tile"
-        acc.div_(wsum)
-        confidence, best = acc.max(dim=0)
-        class_id = torch.as_tensor(class_ids, dtype=torch.uint8, device=device)[best]
-        invalid = ~torch.from_numpy(np.ascontiguousarray(valid[core.relative_to(read)])).to(device)
+                ys, xs = t.relative_to(read)
+                acc[:, ys, xs].add_(_fixed(p * weights))
+                weight[ys, xs].add_(fixed_weights)
+        assert acc is not None, "accumulate needs at least one tile"
+        return Sums(read, acc, weight)
+
+
+def finish(sums: Sums, valid: np.ndarray, class_ids: Sequence[int], *, keep_probabilities: bool = False
+           ) -> BlockResult:
+    """Class ids, confidences (and probabilities) from complete sums; invalid pixels get nodata.
+
+    ``valid`` is the (h, w) validity over ``sums.box``. The class is the channel with the largest
+    sum (the first one on a tie); probabilities are ``acc / weight`` in float64, stored as float32.
+    """
+    with torch.inference_mode():
+        acc, weight = sums.acc, sums.weight.to(torch.float64)
+        best = acc.argmax(dim=0)
+        confidence = (acc.gather(0, best[None])[0].to(torch.float64) / weight).to(torch.float32)
+        class_id = torch.as_tensor(tuple(class_ids), dtype=torch.uint8, device=acc.device)[best]
+        invalid = ~torch.from_numpy(np.ascontiguousarray(valid)).to(acc.device)
         class_id[invalid] = CLASS_NODATA
-        confidence[invalid] = 0.0
-        return BlockResult(
-            class_id.cpu().numpy(), confidence.cpu().numpy(), acc.cpu().numpy() if keep_probabilities else None
-        )
+        confidence[invalid] = CONFIDENCE_NODATA
+        probabilities = None
+        if keep_probabilities:
+            probabilities = (acc.to(torch.float64) / weight).to(torch.float32)
+            probabilities[:, invalid] = CONFIDENCE_NODATA
+            probabilities = probabilities.cpu().numpy()
+        return BlockResult(class_id.cpu().numpy(), confidence.cpu().numpy(), probabilities)
+
+
+def core_result(block: Block, sums: Sums | None, valid: np.ndarray | None, class_ids: Sequence[int], *,
+                keep_probabilities: bool = False) -> BlockResult:
+    """A block's core with its local cells finished from its own ``sums`` (``valid`` over ``block.read``).
+
+    Shared cells hold nodata until :func:`place` puts their finished values in.
+    """
+    h, w = block.core.shape
+    result = BlockResult(np.full((h, w), CLASS_NODATA, dtype=np.uint8),
+                         np.full((h, w), CONFIDENCE_NODATA, dtype=np.float32),
+                         np.zeros((len(class_ids), h, w), dtype=np.float32) if keep_probabilities else None)
+    for cell in block.local:
+        part = finish(sums.crop(cell.box), valid[cell.box.relative_to(block.read)], class_ids,
+                      keep_probabilities=keep_probabilities)
+        place(result, block.core, cell.box, part)
+    return result
+
+
+def place(result: BlockResult, core: Box, box: Box, part: BlockResult) -> None:
+    """Copy ``part`` (over ``box``) into ``result`` (over ``core``)."""
+    ys, xs = box.relative_to(core)
+    result.class_id[ys, xs] = part.class_id
+    result.confidence[ys, xs] = part.confidence
+    if result.probabilities is not None:
+        result.probabilities[:, ys, xs] = part.probabilities
+
+
+def stitch_blocks(
+    blocks: Sequence[Block],
+    read: Callable[[Box], tuple[torch.Tensor, np.ndarray]],
+    proba: ProbaFn,
+    *,
+    margin: int,
+    class_ids: Sequence[int],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    wanted: Collection[tuple[int, int]] | None = None,
+) -> dict[tuple[int, int], BlockResult]:
+    """Both passes of a run in memory, for images that fit in it: each block's tiles, then the shared cells.
+
+    ``read(box)`` gives the normalised bands (C, h, w) and the validity (h, w) over ``box``.
+    ``wanted``: the block keys to return (default all); only their tiles and those of the blocks
+    sharing cells with them run.
+    """
+    by_key = {b.key: b for b in blocks}
+    wanted = set(by_key) if wanted is None else set(wanted)
+    needed = wanted | {o for k in wanted for c in by_key[k].shared for o in c.owners}
+    partials: dict[tuple[tuple[int, int], Box], Sums] = {}
+    results: dict[tuple[int, int], BlockResult] = {}
+    for block in blocks:
+        if block.key not in needed or not block.tiles:
+            continue
+        image, valid = read(block.read)
+        sums = accumulate(block.tiles, image, block.read, proba, margin=margin, batch_size=batch_size, device=device)
+        partials.update({(block.key, c.box): sums.crop(c.box) for c in block.sends})
+        if block.key in wanted:
+            results[block.key] = core_result(block, sums, valid, class_ids)
+    for key in sorted(wanted):
+        block = by_key[key]
+        result = results.get(key) or core_result(block, None, None, class_ids)
+        for cell in block.shared:
+            total = partials[cell.owners[0], cell.box]
+            for owner in cell.owners[1:]:
+                total = total + partials[owner, cell.box]
+            place(result, block.core, cell.box, finish(total, read(cell.box)[1], class_ids))
+        results[key] = result
+    return results
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ Layout (one xarray Dataset, chunks = block cores, so no two blocks write the sam
     confidence   (y, x)        float32  blended max probability, fill value (nodata) 0 where invalid
     probability  (class, y, x) float32  blended per-class probabilities (optional)
     block_done   (block_row, block_col) uint8  1 once a block's core is fully written
+    tiles_done   (block_row, block_col) uint8  1 once a block's tiles ran and its partial sums are stored
     spatial_ref                         CRS and GeoTransform (rioxarray / CF grid mapping)
+    partials/<row>_<col>/<y0>_<x0>      int64 (K+1, h, w)  a block's fixed-point sums over a shared cell
+                                        (weighted probabilities, then weights); removed when the run ends
 
 It is Zarr format 2 with zlib-compressed chunks and consolidated metadata, so that xarray opens it
 without warnings, rioxarray finds the CRS with default decoding (each variable lists ``spatial_ref``
@@ -18,8 +21,9 @@ The store is a local folder or an object-storage URL (``s3://bucket/run/predicti
 :mod:`geoseg.location`): workers then write their chunks straight into the bucket, and resuming reads
 ``block_done`` from there.
 
-A block writes its data first and its ``block_done`` flag last, so a crash leaves the block undone
-and a resumed run redoes it. The run's fingerprint (inputs and settings) is kept in the attributes;
+A block writes its partial sums and its core first and its flags last (``tiles_done``, and
+``block_done`` once no cell of its core waits for other blocks' sums), so a crash leaves the block
+undone and a resumed run redoes it. The run's fingerprint (inputs and settings) is kept in the attributes;
 resuming into a store made with another fingerprint is refused.
 """
 
@@ -34,6 +38,7 @@ import numcodecs
 import numpy as np
 import obstore
 import rioxarray  # noqa: F401  (registers the .rio accessor)
+import torch
 import xarray as xr
 import zarr
 from zarr.storage import ObjectStore
@@ -44,10 +49,12 @@ from geoseg.errors import OutputExistsError
 from geoseg.export.legend import STORE_ATTR
 from geoseg.location import STORAGE_ERRORS, is_url, storage_error, store_for
 from geoseg.raster import SceneInfo
-from geoseg.stitch import CLASS_NODATA, CONFIDENCE_NODATA, BlockResult
+from geoseg.stitch import CLASS_NODATA, CONFIDENCE_NODATA, BlockResult, Sums
 from geoseg.tiling import Block, Box
 
 FINGERPRINT_ATTR = "geoseg_fingerprint"
+#: The group of partial sums over shared cells.
+PARTIALS = "partials"
 #: A store's location: a local folder, or a URL (``s3://``, ``gs://``, ``az://``).
 StoreLocation = Path | str
 #: Chunk compression GDAL's Zarr driver and every zarr-python read.
@@ -95,6 +102,7 @@ def create_store(
         "class_id": (("y", "x"), da.full((h, w), CLASS_NODATA, dtype=np.uint8, chunks=chunks)),
         "confidence": (("y", "x"), da.zeros((h, w), dtype=np.float32, chunks=chunks)),
         "block_done": (("block_row", "block_col"), da.zeros(layout, dtype=np.uint8, chunks=(1, 1))),
+        "tiles_done": (("block_row", "block_col"), da.zeros(layout, dtype=np.uint8, chunks=(1, 1))),
     }
     if probabilities:
         k = len(classes.ids)
@@ -158,13 +166,15 @@ def prepare_store(path: StoreLocation, fingerprint: str, *, overwrite: bool, **c
     return False
 
 
-def done_blocks(path: StoreLocation) -> np.ndarray:
-    """The (block_rows, block_cols) bool array of blocks already written."""
-    return zarr.open_group(zarr_store(path), mode="r")["block_done"][:].astype(bool)
+def done_blocks(path: StoreLocation, flag: str = "block_done") -> np.ndarray:
+    """The (block_rows, block_cols) bool array of blocks whose ``flag`` is set (``block_done`` or ``tiles_done``)."""
+    return zarr.open_group(zarr_store(path), mode="r")[flag][:].astype(bool)
 
 
-def write_block(path: StoreLocation, block: Block, result: BlockResult) -> None:
-    """Write a block's core into the store, then mark the block done (a rewrite gives the same bytes).
+def write_block(path: StoreLocation, block: Block, result: BlockResult, *, done: bool) -> None:
+    """Write a block's core into the store, then set its ``tiles_done`` flag (and ``block_done`` when ``done``).
+
+    A rewrite gives the same bytes.
 
     Raises:
         OutputWriteError: the store cannot be written (full disk, permissions); the block stays undone.
@@ -176,9 +186,59 @@ def write_block(path: StoreLocation, block: Block, result: BlockResult) -> None:
         group["confidence"][ys, xs] = result.confidence
         if result.probabilities is not None and "probability" in group:
             group["probability"][:, ys, xs] = result.probabilities
-        group["block_done"][block.row, block.col] = 1
+        group["tiles_done"][block.row, block.col] = 1
+        if done:
+            group["block_done"][block.row, block.col] = 1
     except STORAGE_ERRORS as err:
         raise _failed(path, err) from err
+
+
+def read_block(path: StoreLocation, block: Block) -> BlockResult:
+    """A block's core as the store holds it (to finish its shared cells)."""
+    group = zarr.open_group(zarr_store(path), mode="r")
+    ys, xs = slice(block.core.y0, block.core.y1), slice(block.core.x0, block.core.x1)
+    probabilities = group["probability"][:, ys, xs] if "probability" in group else None
+    return BlockResult(group["class_id"][ys, xs], group["confidence"][ys, xs], probabilities)
+
+
+# The partial sums are written after the metadata was consolidated: they are read past it.
+def _partial_name(owner: tuple[int, int], box: Box) -> str:
+    return f"{PARTIALS}/{owner[0]}_{owner[1]}/{box.y0}_{box.x0}"
+
+
+def write_partial(path: StoreLocation, owner: tuple[int, int], sums: Sums) -> None:
+    """Store block ``owner``'s fixed-point sums over a shared cell (``sums.box``)."""
+    data = torch.cat([sums.acc, sums.weight[None]]).cpu().numpy()
+    try:
+        group = zarr.open_group(zarr_store(path), mode="r+", use_consolidated=False)
+        array = group.create_array(_partial_name(owner, sums.box), shape=data.shape, dtype="int64",
+                                   chunks=data.shape, compressors=_COMPRESSOR, overwrite=True)
+        array[...] = data
+    except STORAGE_ERRORS as err:
+        raise _failed(path, err) from err
+
+
+def read_partial(path: StoreLocation, owner: tuple[int, int], box: Box) -> Sums:
+    """Block ``owner``'s stored sums over the shared cell ``box``."""
+    group = zarr.open_group(zarr_store(path), mode="r", use_consolidated=False)
+    data = torch.from_numpy(group[_partial_name(owner, box)][:])
+    return Sums(box, data[:-1], data[-1])
+
+
+def has_partial(path: StoreLocation, owner: tuple[int, int], box: Box) -> bool:
+    """Whether block ``owner``'s sums over the shared cell ``box`` are stored."""
+    try:
+        zarr.open_group(zarr_store(path), mode="r", use_consolidated=False)[_partial_name(owner, box)]
+    except KeyError:
+        return False
+    return True
+
+
+def remove_partials(path: StoreLocation) -> None:
+    """Delete the partial sums once every block is done (they are only needed to finish shared cells)."""
+    group = zarr.open_group(zarr_store(path), mode="r+", use_consolidated=False)
+    if PARTIALS in group:
+        del group[PARTIALS]
 
 
 def iter_chunks(path: StoreLocation, name: str) -> Iterator[tuple[Box, np.ndarray]]:

@@ -16,13 +16,14 @@ With an overlap of ``2*margin`` every pixel that has ``margin`` px of scene arou
 a tile that saw the pixel's full context.
 
 A *block* is a square of the output, its *core*; cores partition the scene exactly and are aligned
-to the output chunks.  A block processes every lattice tile that touches its core; its *read box*
-(core plus *halo*) is the union of those tiles.  Because each core pixel gets exactly the tiles that
-cover it in the whole scene, a blocked run reproduces a whole-scene run: block borders cannot show.
-Cores whose size is a multiple of the stride (:func:`align_block_size`) have their borders at tile
-origins, ``k*stride``, which lie inside the previous tile's inner part: exactly one tile straddles
-each block border (none without overlap), so a border costs one row or column of tiles computed
-twice.
+to the output chunks.  Each lattice tile belongs to the block whose core holds its origin, so every
+tile runs once per scene, in that block; its *read box* is the union of its tiles.  Near a core's
+top and left edges the tiles of the blocks above and to the left reach in too: those *shared cells*
+are finished from the partial sums of every block whose tiles cover them, in fixed point, so the
+order of the sums does not matter (:mod:`geoseg.stitch`).  Each core pixel therefore gets exactly the
+tiles that cover it in the whole scene: a blocked run reproduces a whole-scene run, and block
+borders cannot show.  Cores whose size is a multiple of the stride (:func:`align_block_size`) have
+their borders at tile origins: the shared cells are then bands ``2*margin`` wide.
 """
 
 from __future__ import annotations
@@ -164,27 +165,56 @@ class TileGrid:
 
 
 @dataclass(frozen=True)
+class Cell:
+    """A rectangle of a block's core and the blocks whose tiles cover it (``owners``, row-major keys)."""
+
+    box: Box
+    owners: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
 class Block:
-    """One unit of distributed work: a core to write and the tiles that cover it."""
+    """One unit of distributed work: a core to write, the tiles it runs, and who else covers its core.
+
+    ``tiles`` are the lattice tiles the block *owns* (their origin lies in its core), so every tile
+    of the scene runs in exactly one block.  ``cells`` split the core into rectangles by the blocks
+    whose tiles cover them: a cell covered by this block's tiles only is finished by this block
+    alone; a *shared* cell also gets other blocks' tiles and is finished from every owner's partial
+    sums (:mod:`geoseg.stitch`).  ``sends`` are the shared cells, of any block, this block's tiles
+    cover: it hands its partial sums over them on.
+    """
 
     row: int
     col: int
     core: Box
     tiles: tuple[Box, ...]
+    cells: tuple[Cell, ...] = ()
+    sends: tuple[Cell, ...] = ()
 
     @property
-    def read(self) -> Box:
-        """Core plus halo: the union of the block's tiles, read once."""
+    def key(self) -> tuple[int, int]:
+        """(row, col)."""
+        return self.row, self.col
+
+    @property
+    def read(self) -> Box | None:
+        """The union of the block's tiles, read once (None for a block that owns no tile)."""
+        if not self.tiles:
+            return None
         box = self.tiles[0]
         for t in self.tiles[1:]:
             box = box.union(t)
         return box
 
     @property
-    def halo(self) -> int:
-        """Widest reach of the read box beyond the core, in pixels."""
-        r, c = self.read, self.core
-        return max(c.y0 - r.y0, c.x0 - r.x0, r.y1 - c.y1, r.x1 - c.x1)
+    def shared(self) -> tuple[Cell, ...]:
+        """The cells of the core that other blocks' tiles cover too."""
+        return tuple(c for c in self.cells if c.owners != (self.key,))
+
+    @property
+    def local(self) -> tuple[Cell, ...]:
+        """The cells of the core only this block's tiles cover."""
+        return tuple(c for c in self.cells if c.owners == (self.key,))
 
 
 def align_block_size(block_size: int, grid: TileGrid) -> int:
@@ -199,14 +229,51 @@ def align_block_size(block_size: int, grid: TileGrid) -> int:
 def plan_blocks(grid: TileGrid, block_size: int) -> tuple[Block, ...]:
     """Cut the scene into blocks of ``block_size`` cores (last row/column truncated), row-major.
 
-    ``block_size`` is used as given; pass it through :func:`align_block_size` first to keep cores
-    on tile origins.
+    Each lattice tile goes to the block whose core holds its origin; each core is split into the
+    cells its owners' tiles cover (see :class:`Block`). ``block_size`` is used as given; pass it
+    through :func:`align_block_size` first to keep cores on tile origins (then a shared cell is a
+    band ``2 * margin`` wide along a core's top and left edges).
     """
-    cols = math.ceil(grid.width / block_size) if block_size >= 1 else 0
+    cores = partition(grid.height, grid.width, block_size)
+    cols = math.ceil(grid.width / block_size)
+    keys = [(i // cols, i % cols) for i in range(len(cores))]
+    owned = {k: [] for k in keys}
+    for t in grid.tiles_touching(Box(0, 0, grid.height, grid.width)):
+        owned[(t.y0 // block_size, t.x0 // block_size)].append(t)
+    extents = {k: _union(ts) for k, ts in owned.items() if ts}
+    cells = {k: _cells(core, extents) for k, core in zip(keys, cores, strict=True)}
+    sends: dict[tuple[int, int], list[Cell]] = {k: [] for k in keys}
+    for k in keys:
+        for cell in cells[k]:
+            if cell.owners != (k,):
+                for owner in cell.owners:
+                    sends[owner].append(cell)
     return tuple(
-        Block(i // cols, i % cols, core, grid.tiles_touching(core))
-        for i, core in enumerate(partition(grid.height, grid.width, block_size))
+        Block(*k, core, tuple(owned[k]), cells[k], tuple(sends[k])) for k, core in zip(keys, cores, strict=True)
     )
+
+
+def _union(boxes: list[Box]) -> Box:
+    box = boxes[0]
+    for b in boxes[1:]:
+        box = box.union(b)
+    return box
+
+
+def _cells(core: Box, extents: dict[tuple[int, int], Box]) -> tuple[Cell, ...]:
+    """``core`` cut along the edges of the tile extents that cover part of it, each piece with its owners."""
+    covering = {k: e.intersection(core) for k, e in extents.items()}
+    covering = {k: c for k, c in covering.items() if c is not None}
+    ys = sorted({core.y0, core.y1, *(v for c in covering.values() for v in (c.y0, c.y1))})
+    xs = sorted({core.x0, core.x1, *(v for c in covering.values() for v in (c.x0, c.x1))})
+    out = []
+    for y0, y1 in zip(ys, ys[1:], strict=False):
+        for x0, x1 in zip(xs, xs[1:], strict=False):
+            box = Box(y0, x0, y1, x1)
+            owners = tuple(sorted(k for k, c in covering.items() if c.intersection(box) == box))
+            assert owners, f"{box} is covered by no tile"
+            out.append(Cell(box, owners))
+    return tuple(out)
 
 
 def partition(height: int, width: int, size: int) -> tuple[Box, ...]:

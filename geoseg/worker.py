@@ -1,9 +1,15 @@
 """The worker side of a predict run: what one Dask worker (or the client, without a cluster) does with blocks.
 
-A worker loads the checkpoint once (:func:`worker_predictor`) and keeps it; for its blocks it reads
-each read box ahead in a thread, predicts and blends on the predictor's device, and writes the core
-into the Zarr store in another thread (:func:`process_blocks`). Torch runs with a fixed thread count
-(:func:`torch_threads`), so any number of workers gives the same bytes.
+A worker loads the checkpoint once (:func:`worker_predictor`) and keeps it. A run has two passes:
+
+1. :func:`process_blocks` runs each block's own tiles: it reads each read box ahead in a thread,
+   predicts and blends on the predictor's device, and in another thread writes the core's local
+   cells and the partial sums over shared cells (its own and its neighbours') into the Zarr store;
+2. :func:`finish_blocks` finishes each block's shared cells from the partial sums of every block
+   whose tiles cover them (no model, a few strips per block).
+
+Torch runs with a fixed thread count (:func:`torch_threads`), so any number of workers gives the
+same bytes.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from geoseg.checkpoint import load_checkpoint
 from geoseg.heap import one_arena, release_freed_memory
 from geoseg.predict import Predictor
 from geoseg.raster import gdal_env, read_window
-from geoseg.stitch import blend_block
-from geoseg.store import write_block
-from geoseg.tiling import Block
+from geoseg.stitch import Sums, accumulate, core_result, finish, place
+from geoseg.store import read_block, read_partial, write_block, write_partial
+from geoseg.tiling import Block, Box
 
 
 @dataclass(frozen=True)
@@ -69,20 +75,25 @@ def worker_predictor(job: BlockJob) -> Predictor:
     return Predictor(model, contract, scales=job.scales, flip=job.flip, device=job.device, batch_size=job.batch_size)
 
 
-def read_block(job: BlockJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
-    """A block's read box in the scene's data type: (C, h, w) bands and the (h, w) validity mask."""
+def read_box(job: BlockJob, box: Box | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A box of the scene in its data type: (C, h, w) bands and the (h, w) validity mask (None for no box)."""
+    if box is None:
+        return None
     with gdal_env(), rasterio.open(job.scene) as src:
-        return read_window(src, block.read, bands=job.bands, dtype=None)
+        return read_window(src, box, bands=job.bands, dtype=None)
 
 
 def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
-    """Read, predict, blend and write blocks (runs on a worker). Returns the tiles it ran.
+    """Run blocks' tiles (on a worker): local cells written, partial sums of shared cells stored.
 
     The model never waits for I/O: while block ``i`` is normalised, predicted and blended on this
     thread (on the predictor's device, its bands copied there in the scene's data type), a reader
     thread reads block ``i + 1`` and a writer thread writes block ``i - 1`` into the store. At most
-    one block is read ahead (native dtype) and one write is pending (class ids and confidences).
-    ``on_block`` is called as each block's write completes.
+    one block is read ahead (native dtype) and one write is pending. ``on_block`` is called as each
+    block's write completes.
+
+    Returns:
+        the tiles it ran.
     """
     one_arena()
     predictor = worker_predictor(job)
@@ -96,22 +107,78 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
             if on_block:
                 on_block()
 
+    def write(block: Block, sums: Sums | None, valid: np.ndarray | None) -> None:
+        for cell in block.sends:
+            write_partial(job.store, block.key, sums.crop(cell.box))
+        result = core_result(block, sums, valid, contract.classes.ids, keep_probabilities=job.probabilities)
+        write_block(job.store, block, result, done=not block.shared)
+
     with ThreadPoolExecutor(1, thread_name_prefix="geoseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="geoseg-write") as writer:
-        ahead = reader.submit(read_block, job, blocks[0]) if blocks else None
+        ahead = reader.submit(read_box, job, blocks[0].read) if blocks else None
         for i, block in enumerate(blocks):
-            data, valid = ahead.result()
-            ahead = reader.submit(read_block, job, blocks[i + 1]) if i + 1 < len(blocks) else None
-            with torch_threads(job.torch_threads):
-                bands = torch.from_numpy(data).to(predictor.device)
-                image = contract.normalise(bands, torch.from_numpy(valid), inplace=True)
-                del data, bands
-                result = blend_block(
-                    block, image, valid, predictor.proba, margin=job.margin, class_ids=contract.classes.ids,
-                    batch_size=job.batch_size, keep_probabilities=job.probabilities, device=predictor.device,
-                )
-            del image
+            read = ahead.result()
+            ahead = reader.submit(read_box, job, blocks[i + 1].read) if i + 1 < len(blocks) else None
+            sums = valid = None
+            if read is not None:
+                data, valid = read
+                sums = tile_sums(job, predictor, block.tiles, block.read, data, valid)
+                del data
             finish_write()
-            writing = writer.submit(write_block, job.store, block, result)
+            writing = writer.submit(write, block, sums, valid)
         finish_write()
     return sum(len(b.tiles) for b in blocks)
+
+
+def tile_sums(job: BlockJob, predictor: Predictor, tiles: Sequence[Box], read: Box, data: np.ndarray,
+              valid: np.ndarray) -> Sums:
+    """Normalise ``data`` (the scene over ``read``, native dtype) on the device, run ``tiles``, sum them."""
+    with torch_threads(job.torch_threads):
+        bands = torch.from_numpy(data).to(predictor.device)
+        image = predictor.contract.normalise(bands, torch.from_numpy(valid), inplace=True)
+        del bands
+        return accumulate(tiles, image, read, predictor.proba, margin=job.margin, batch_size=job.batch_size,
+                          device=predictor.device)
+
+
+def resend_partials(job: BlockJob, requests: Sequence[tuple[Block, tuple[Box, ...]]]) -> int:
+    """Recompute blocks' partial sums over some shared cells, running only their tiles that reach them.
+
+    For a resumed store whose partial sums were already removed: the blocks' cores stay as they
+    are. The sums equal the first ones (fixed point: no order, no grouping matters).
+
+    Returns:
+        the tiles it ran.
+    """
+    predictor = worker_predictor(job)
+    ran = 0
+    for block, boxes in requests:
+        tiles = tuple(t for t in block.tiles if any(t.intersection(b) for b in boxes))
+        read = tiles[0]
+        for t in tiles[1:]:
+            read = read.union(t)
+        data, valid = read_box(job, read)
+        sums = tile_sums(job, predictor, tiles, read, data, valid)
+        for box in boxes:
+            write_partial(job.store, block.key, sums.crop(box))
+        ran += len(tiles)
+    return ran
+
+
+def finish_blocks(job: BlockJob, blocks: Sequence[Block], class_ids: Sequence[int]) -> int:
+    """Finish blocks' shared cells from every owner's stored partial sums (runs on a worker, no model).
+
+    Returns:
+        the blocks it finished.
+    """
+    for block in blocks:
+        result = read_block(job.store, block)
+        for cell in block.shared:
+            sums = read_partial(job.store, cell.owners[0], cell.box)
+            for owner in cell.owners[1:]:
+                sums = sums + read_partial(job.store, owner, cell.box)
+            _, valid = read_box(job, cell.box)
+            place(result, block.core, cell.box, finish(sums, valid, class_ids,
+                                                       keep_probabilities=job.probabilities))
+        write_block(job.store, block, result, done=True)
+    return len(blocks)

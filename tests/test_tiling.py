@@ -24,39 +24,53 @@ def test_cores_cover_every_pixel_exactly_once(args):
 
 @settings(max_examples=60, deadline=None)
 @given(grids)
-def test_tiles_lie_in_read_box_and_cover_core_with_full_context(args):
+def test_every_tile_runs_once_in_the_block_holding_its_origin(args):
+    grid, block_size = args
+    lattice = grid.tiles_touching(Box(0, 0, grid.height, grid.width))
+    blocks = plan_blocks(grid, block_size)
+    owned = [(b.core, t) for b in blocks for t in b.tiles]
+    assert sorted(t for _, t in owned) == sorted(lattice)
+    for core, t in owned:
+        assert core.y0 <= t.y0 < core.y1 and core.x0 <= t.x0 < core.x1
+        assert t.shape == (grid.tile, grid.tile) and t.y0 >= 0 and t.x0 >= 0, "tiles start inside the scene"
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids)
+def test_cells_split_each_core_by_exactly_the_blocks_whose_tiles_reach_them(args):
+    grid, block_size = args
+    blocks = plan_blocks(grid, block_size)
+    sent: dict = {}
+    for b in blocks:
+        count = np.zeros(b.core.shape, dtype=np.int32)
+        for cell in b.cells:
+            count[cell.box.relative_to(b.core)] += 1
+            reaching = tuple(sorted(o.key for o in blocks if any(t.intersection(cell.box) for t in o.tiles)))
+            assert cell.owners == reaching  # no tile's sums can be missed, none is counted twice
+            if cell.owners != (b.key,):
+                for owner in cell.owners:
+                    sent.setdefault(owner, []).append(cell)
+        assert (count == 1).all()
+        assert set(b.local) | set(b.shared) == set(b.cells)
+    assert {b.key: list(b.sends) for b in blocks if b.sends} == sent
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids)
+def test_every_pixel_with_context_lies_in_a_tiles_inner_part(args):
     grid, block_size = args
     m = grid.margin
+    inner = np.zeros((grid.height, grid.width), dtype=bool)
     for b in plan_blocks(grid, block_size):
-        read = b.read
-        assert read.intersection(b.core) == b.core
-        inner = np.zeros(b.core.shape, dtype=bool)
-        covered = np.zeros(b.core.shape, dtype=bool)
+        assert all(b.read.intersection(t) == t for t in b.tiles)
         for t in b.tiles:
-            assert t.shape == (grid.tile, grid.tile)
-            assert read.intersection(t) == t
-            assert t.y0 >= 0 and t.x0 >= 0, "tiles start inside the scene"
-            covered[t.intersection(b.core).relative_to(b.core)] = True
-            # the inner part of the tile, `margin` away from its edges, may be outside the core
-            centre = Box(t.y0 + m, t.x0 + m, t.y1 - m, t.x1 - m).intersection(b.core)
+            # the inner part of the tile, `margin` away from its edges
+            centre = Box(t.y0 + m, t.x0 + m, t.y1 - m, t.x1 - m).intersection(Box(0, 0, grid.height, grid.width))
             if centre:
-                inner[centre.relative_to(b.core)] = True
-        assert covered.all()
-        # every pixel with `margin` px of scene around it is in some tile's full-context part
-        ys, xs = np.mgrid[b.core.y0:b.core.y1, b.core.x0:b.core.x1]
-        away = (ys >= m) & (ys < grid.height - m) & (xs >= m) & (xs < grid.width - m)
-        assert inner[away].all(), "some core pixel is not in any tile's full-context part"
-
-
-@settings(max_examples=40, deadline=None)
-@given(grids)
-def test_block_tiles_are_exactly_the_scene_tiles_touching_the_core(args):
-    grid, block_size = args
-    scene = set(grid.tiles_touching(Box(0, 0, grid.height, grid.width)))
-    assert len(scene) == grid.rows * grid.cols
-    for b in plan_blocks(grid, block_size):
-        expected = {t for t in scene if t.intersection(b.core)}
-        assert set(b.tiles) == expected
+                inner[centre.relative_to(Box(0, 0, grid.height, grid.width))] = True
+    ys, xs = np.mgrid[:grid.height, :grid.width]
+    away = (ys >= m) & (ys < grid.height - m) & (xs >= m) & (xs < grid.width - m)
+    assert inner[away].all(), "some pixel is not in any tile's full-context part"
 
 
 @settings(max_examples=30, deadline=None)
@@ -97,23 +111,24 @@ def test_align_block_size_to_stride():
     assert align_block_size(100, grid) == 320
 
 
-def test_halo_is_reach_beyond_core():
-    grid = TileGrid(1000, 1000, 64, 16)
-    blocks = plan_blocks(grid, align_block_size(100, grid))
-    inner = [b for b in blocks if b.row == 1 and b.col == 1][0]
-    assert inner.halo == 32  # the tile straddling its first border starts one stride (32) before the core
-
-
 @pytest.mark.parametrize(("tile", "margin"), [(64, 16), (64, 8), (640, 160), (320, 64), (64, 0)])
-def test_neighbouring_blocks_share_one_line_of_tiles(tile, margin):
-    """A block border is straddled by one tile per lattice line (none without overlap)."""
+def test_aligned_blocks_share_bands_twice_the_margin_wide(tile, margin):
+    """An inner block runs (block / stride)² tiles; the tiles above and left of it reach 2*margin into its core."""
     grid = TileGrid(5000, 5000, tile, margin)
     block_size = align_block_size(1000, grid)
     blocks = {(b.row, b.col): b for b in plan_blocks(grid, block_size)}
-    a, b = blocks[1, 1], blocks[1, 2]
-    shared = {t.x0 for t in a.tiles} & {t.x0 for t in b.tiles}
-    assert len(shared) == (1 if margin else 0)
-    assert len({t.x0 for t in a.tiles}) == block_size // grid.stride + (1 if margin else 0)
+    inner = blocks[1, 1]
+    assert len(inner.tiles) == (block_size // grid.stride) ** 2
+    core, band = inner.core, 2 * margin
+    shared = np.zeros(core.shape, dtype=bool)
+    for cell in inner.shared:
+        shared[cell.box.relative_to(core)] = True
+    expected = np.zeros(core.shape, dtype=bool)
+    expected[:band, :] = expected[:, :band] = True
+    np.testing.assert_array_equal(shared, expected)
+    if margin:
+        corner = next(c for c in inner.shared if (c.box.y0, c.box.x0) == (core.y0, core.x0))
+        assert corner.owners == ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def test_box_rejects_empty():

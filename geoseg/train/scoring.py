@@ -2,7 +2,7 @@
 
 Training scores its val and test parts the way a user's map is made: the whole labelled image is
 predicted with the predict job's tile grid, context margin and blending
-(:func:`geoseg.stitch.blend_block` over :func:`geoseg.tiling.plan_blocks`), then only the pixels of
+(:func:`geoseg.stitch.stitch_blocks` over :func:`geoseg.tiling.plan_blocks`), then only the pixels of
 the part are scored.  ``geoseg evaluate`` runs the same tiling and blending through the full predict
 job (files on disk) instead of in memory.
 """
@@ -17,8 +17,8 @@ import torch
 
 from geoseg.checkpoint import ModelContract
 from geoseg.predict import Predictor
-from geoseg.stitch import CLASS_NODATA, blend_block
-from geoseg.tiling import TileGrid, align_block_size, plan_blocks
+from geoseg.stitch import CLASS_NODATA, stitch_blocks
+from geoseg.tiling import Box, TileGrid, align_block_size, plan_blocks
 from geoseg.train.datasets import LabelledData, LabelledImage
 from geoseg.train.metrics import SegmentationMetrics
 from geoseg.train.splits import Split, part_labels
@@ -40,17 +40,21 @@ def predict_image(predictor: Predictor, image: LabelledImage, contract: ModelCon
     grid = TileGrid(*image.shape, tile, margin)
     out = np.full(image.shape, ignore_index, np.uint8)
     channels = tuple(range(len(contract.classes.classes)))
-    for block in plan_blocks(grid, align_block_size(BLOCK_SIZE, grid)):
-        c = block.core
-        if where is not None and not where[c.y0 : c.y1, c.x0 : c.x1].any():
-            continue
-        data, valid = image.read(block.read)
-        bands = contract.normalise(torch.from_numpy(data), torch.from_numpy(valid), inplace=True)
-        result = blend_block(block, bands, valid, predictor.proba, margin=margin, class_ids=channels,
-                             batch_size=predictor.batch_size, device=predictor.device)
-        core = result.class_id
-        core[core == CLASS_NODATA] = ignore_index
-        out[c.y0 : c.y1, c.x0 : c.x1] = core
+    blocks = plan_blocks(grid, align_block_size(BLOCK_SIZE, grid))
+    wanted = [b.key for b in blocks
+              if where is None or where[b.core.y0 : b.core.y1, b.core.x0 : b.core.x1].any()]
+
+    def read(box: Box) -> tuple[torch.Tensor, np.ndarray]:
+        data, valid = image.read(box)
+        return contract.normalise(torch.from_numpy(data), torch.from_numpy(valid), inplace=True), valid
+
+    results = stitch_blocks(blocks, read, predictor.proba, margin=margin, class_ids=channels,
+                            batch_size=predictor.batch_size, device=predictor.device, wanted=wanted)
+    for block in blocks:
+        if block.key in results:
+            c, core = block.core, results[block.key].class_id
+            core[core == CLASS_NODATA] = ignore_index
+            out[c.y0 : c.y1, c.x0 : c.x1] = core
     return out
 
 
