@@ -137,6 +137,21 @@ def accumulate(
         return Sums(read, acc, weight)
 
 
+def _argmax(acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, value) of the largest of the K channels at each pixel, the first on a tie.
+
+    One pass per channel over contiguous planes: ``argmax(dim=0)`` strides across them and is ten
+    times slower on the CPU.
+    """
+    top = acc[0].clone()
+    best = torch.zeros(top.shape, dtype=torch.int64, device=acc.device)
+    for k in range(1, acc.shape[0]):
+        better = acc[k] > top
+        top = torch.where(better, acc[k], top)
+        best.masked_fill_(better, k)
+    return best, top
+
+
 def finish(sums: Sums, valid: np.ndarray, class_ids: Sequence[int], *, keep_probabilities: bool = False
            ) -> BlockResult:
     """Class ids, confidences (and probabilities) from complete sums; invalid pixels get nodata.
@@ -146,8 +161,8 @@ def finish(sums: Sums, valid: np.ndarray, class_ids: Sequence[int], *, keep_prob
     """
     with torch.inference_mode():
         acc, weight = sums.acc, sums.weight.to(torch.float64)
-        best = acc.argmax(dim=0)
-        confidence = (acc.gather(0, best[None])[0].to(torch.float64) / weight).to(torch.float32)
+        best, top = _argmax(acc)
+        confidence = (top.to(torch.float64) / weight).to(torch.float32)
         class_id = torch.as_tensor(tuple(class_ids), dtype=torch.uint8, device=acc.device)[best]
         invalid = ~torch.from_numpy(np.ascontiguousarray(valid)).to(acc.device)
         class_id[invalid] = CLASS_NODATA

@@ -57,8 +57,10 @@ FINGERPRINT_ATTR = "geoseg_fingerprint"
 PARTIALS = "partials"
 #: A store's location: a local folder, or a URL (``s3://``, ``gs://``, ``az://``).
 StoreLocation = Path | str
-#: Chunk compression GDAL's Zarr driver and every zarr-python read.
-_COMPRESSOR = numcodecs.Zlib(level=6)
+#: Chunk compression GDAL's Zarr driver and every zarr-python read. Level 1: a block's core is written
+#: twice (its own cells, then its shared cells), and on a 1920² confidence chunk level 6 took 0.88 s
+#: against 0.12 s for 20 % fewer bytes.
+_COMPRESSOR = numcodecs.Zlib(level=1)
 
 
 def zarr_store(location: StoreLocation) -> Path | ObjectStore:
