@@ -266,11 +266,10 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
         ``(computed, skipped)`` block counts.
     """
     resuming = prepare_outputs(plan)
-    done, tiled = done_blocks(plan.store), done_blocks(plan.store, "tiles_done")
+    tiled = done_blocks(plan.store, "tiles_done")
     if resuming:
         log.info("resuming: the tiles of %d of %d blocks already ran", int(tiled.sum()), len(plan.blocks))
     run_tiles = [b for b in plan.blocks if not tiled[b.row, b.col]]
-    to_finish = [b for b in plan.blocks if b.shared and not done[b.row, b.col]]
     skipped = len(plan.blocks) - len(run_tiles)
     total = len(plan.blocks)
     finished = skipped
@@ -284,9 +283,10 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
             progress(finished, total)
 
     ids = plan.contract.classes.ids
-    resend = missing_partials(plan, run_tiles, to_finish)
+    rerun = {b.key for b in run_tiles}
     if client is None:
         process_blocks(plan.job, run_tiles, on_block=one_more)
+        to_finish, resend = _unfinished(plan, rerun)
         resend_partials(plan.job, resend)
         finish_blocks(plan.job, to_finish, ids)
     else:
@@ -296,6 +296,7 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
         for group, _ in _fan_out(client, process_blocks, block_groups(run_tiles, workers), plan.job, resources,
                                  f"geoseg-tiles-{tag}"):
             one_more(len(group))
+        to_finish, resend = _unfinished(plan, rerun)
         for _ in _fan_out(client, resend_partials, [tuple(resend)] if resend else [], plan.job, resources,
                           f"geoseg-resend-{tag}"):
             pass
@@ -306,15 +307,15 @@ def run_blocks(plan: RunPlan, *, client: Client | None = None, progress: Progres
     return len(run_tiles), skipped
 
 
-def missing_partials(
-    plan: RunPlan, run_tiles: Sequence[Block], to_finish: Sequence[Block]
-) -> list[tuple[Block, tuple[Box, ...]]]:
-    """The partial sums that blocks still to finish need but the store lacks, from blocks not rerun.
+def _unfinished(plan: RunPlan, rerun: set[tuple[int, int]]) -> tuple[list[Block], list[tuple[Block, tuple[Box, ...]]]]:
+    """The blocks whose shared cells still wait, and the partial sums they need that the store lacks.
 
-    Only a resumed store can lack them (they are removed once every block is done): those owners
-    rerun just the tiles that reach the cells, and their cores are kept.
+    Only a resumed store can lack sums (they are removed once every block is done), from blocks not
+    rerun (``rerun``: those whose tiles ran in this run): those owners rerun just the tiles that
+    reach the cells, and their cores are kept.
     """
-    rerun = {b.key for b in run_tiles}
+    done = done_blocks(plan.store)
+    to_finish = [b for b in plan.blocks if not done[b.row, b.col]]
     by_key = {b.key: b for b in plan.blocks}
     wanted: dict[tuple[int, int], list[Box]] = {}
     for block in to_finish:
@@ -322,7 +323,7 @@ def missing_partials(
             for owner in cell.owners:
                 if owner not in rerun and not has_partial(plan.store, owner, cell.box):
                     wanted.setdefault(owner, []).append(cell.box)
-    return [(by_key[k], tuple(boxes)) for k, boxes in sorted(wanted.items())]
+    return to_finish, [(by_key[k], tuple(boxes)) for k, boxes in sorted(wanted.items())]
 
 
 def _fan_out(client: Client, fn: Callable[..., int], groups: Sequence[tuple], job: BlockJob,

@@ -28,7 +28,7 @@ from geoseg.checkpoint import load_checkpoint
 from geoseg.heap import one_arena, release_freed_memory
 from geoseg.predict import Predictor
 from geoseg.raster import gdal_env, read_window
-from geoseg.stitch import Sums, accumulate, core_result, finish, place
+from geoseg.stitch import BlockResult, Sums, accumulate, core_result, finish, place
 from geoseg.store import read_block, read_partial, write_block, write_partial
 from geoseg.tiling import Block, Box
 
@@ -86,6 +86,10 @@ def read_box(job: BlockJob, box: Box | None) -> tuple[np.ndarray, np.ndarray] | 
 def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
     """Run blocks' tiles (on a worker): local cells written, partial sums of shared cells stored.
 
+    A block whose shared cells' other owners ran earlier in ``blocks`` (in row-major order the
+    blocks above and to the left come first) is finished on the spot, its core written once; the
+    others wait for :func:`finish_blocks`.
+
     The model never waits for I/O: while block ``i`` is normalised, predicted and blended on this
     thread (on the predictor's device, its bands copied there in the scene's data type), a reader
     thread reads block ``i + 1`` and a writer thread writes block ``i - 1`` into the store. At most
@@ -97,22 +101,29 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
     """
     one_arena()
     predictor = worker_predictor(job)
-    contract = predictor.contract
+    ids = predictor.contract.classes.ids
     writing: Future | None = None
+    ran: set[tuple[int, int]] = set()
 
-    def finish_write() -> None:
+    def finish_write(block: Block | None) -> None:
         if writing is not None:
             writing.result()
+            ran.add(block.key)
             release_freed_memory()
             if on_block:
                 on_block()
 
     def write(block: Block, sums: Sums | None, valid: np.ndarray | None) -> None:
+        now = all(o in ran or o == block.key for c in block.shared for o in c.owners)
         for cell in block.sends:
-            write_partial(job.store, block.key, sums.crop(cell.box))
-        result = core_result(block, sums, valid, contract.classes.ids, keep_probabilities=job.probabilities)
-        write_block(job.store, block, result, done=not block.shared)
+            if not (now and cell in block.shared):  # a cell finished here needs no stored sums
+                write_partial(job.store, block.key, sums.crop(cell.box))
+        result = core_result(block, sums, valid, ids, keep_probabilities=job.probabilities)
+        if now:
+            finish_shared(job, block, result, ids, own=sums)
+        write_block(job.store, block, result, done=now)
 
+    previous: Block | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="geoseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="geoseg-write") as writer:
         ahead = reader.submit(read_box, job, blocks[0].read) if blocks else None
@@ -124,9 +135,9 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
                 data, valid = read
                 sums = tile_sums(job, predictor, block.tiles, block.read, data, valid)
                 del data
-            finish_write()
-            writing = writer.submit(write, block, sums, valid)
-        finish_write()
+            finish_write(previous)
+            writing, previous = writer.submit(write, block, sums, valid), block
+        finish_write(previous)
     return sum(len(b.tiles) for b in blocks)
 
 
@@ -165,6 +176,17 @@ def resend_partials(job: BlockJob, requests: Sequence[tuple[Block, tuple[Box, ..
     return ran
 
 
+def finish_shared(job: BlockJob, block: Block, result: BlockResult, class_ids: Sequence[int], *,
+                  own: Sums | None = None) -> None:
+    """Put the block's finished shared cells into ``result``: every owner's sums added (``own``: this block's)."""
+    for cell in block.shared:
+        parts = [own.crop(cell.box) if owner == block.key and own is not None
+                 else read_partial(job.store, owner, cell.box) for owner in cell.owners]
+        _, valid = read_box(job, cell.box)
+        place(result, block.core, cell.box, finish(sum(parts[1:], parts[0]), valid, class_ids,
+                                                   keep_probabilities=job.probabilities))
+
+
 def finish_blocks(job: BlockJob, blocks: Sequence[Block], class_ids: Sequence[int]) -> int:
     """Finish blocks' shared cells from every owner's stored partial sums (runs on a worker, no model).
 
@@ -173,12 +195,6 @@ def finish_blocks(job: BlockJob, blocks: Sequence[Block], class_ids: Sequence[in
     """
     for block in blocks:
         result = read_block(job.store, block)
-        for cell in block.shared:
-            sums = read_partial(job.store, cell.owners[0], cell.box)
-            for owner in cell.owners[1:]:
-                sums = sums + read_partial(job.store, owner, cell.box)
-            _, valid = read_box(job, cell.box)
-            place(result, block.core, cell.box, finish(sums, valid, class_ids,
-                                                       keep_probabilities=job.probabilities))
+        finish_shared(job, block, result, class_ids)
         write_block(job.store, block, result, done=True)
     return len(blocks)
