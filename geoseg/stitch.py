@@ -81,6 +81,10 @@ class Sums:
         ys, xs = box.relative_to(self.box)
         return Sums(box, self.acc[:, ys, xs], self.weight[ys, xs])
 
+    def clone(self) -> Sums:
+        """A copy that does not keep the larger sums it was cropped from alive."""
+        return Sums(self.box, self.acc.clone(), self.weight.clone())
+
     def __add__(self, other: Sums) -> Sums:
         if other.box != self.box:
             raise ValueError(f"sums over {self.box} and {other.box} do not add up")

@@ -166,10 +166,11 @@ class TileGrid:
 
 @dataclass(frozen=True)
 class Cell:
-    """A rectangle of a block's core and the blocks whose tiles cover it (``owners``, row-major keys)."""
+    """A rectangle of the core of block ``target`` and the blocks whose tiles cover it (``owners``, row-major)."""
 
     box: Box
     owners: tuple[tuple[int, int], ...]
+    target: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def plan_blocks(grid: TileGrid, block_size: int) -> tuple[Block, ...]:
     for t in grid.tiles_touching(Box(0, 0, grid.height, grid.width)):
         owned[(t.y0 // block_size, t.x0 // block_size)].append(t)
     extents = {k: _union(ts) for k, ts in owned.items() if ts}
-    cells = {k: _cells(core, extents) for k, core in zip(keys, cores, strict=True)}
+    cells = {k: _cells(k, core, extents) for k, core in zip(keys, cores, strict=True)}
     sends: dict[tuple[int, int], list[Cell]] = {k: [] for k in keys}
     for k in keys:
         for cell in cells[k]:
@@ -260,7 +261,7 @@ def _union(boxes: list[Box]) -> Box:
     return box
 
 
-def _cells(core: Box, extents: dict[tuple[int, int], Box]) -> tuple[Cell, ...]:
+def _cells(key: tuple[int, int], core: Box, extents: dict[tuple[int, int], Box]) -> tuple[Cell, ...]:
     """``core`` cut along the edges of the tile extents that cover part of it, each piece with its owners."""
     covering = {k: e.intersection(core) for k, e in extents.items()}
     covering = {k: c for k, c in covering.items() if c is not None}
@@ -272,7 +273,7 @@ def _cells(core: Box, extents: dict[tuple[int, int], Box]) -> tuple[Cell, ...]:
             box = Box(y0, x0, y1, x1)
             owners = tuple(sorted(k for k, c in covering.items() if c.intersection(box) == box))
             assert owners, f"{box} is covered by no tile"
-            out.append(Cell(box, owners))
+            out.append(Cell(box, owners, key))
     return tuple(out)
 
 

@@ -87,8 +87,9 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
     """Run blocks' tiles (on a worker): local cells written, partial sums of shared cells stored.
 
     A block whose shared cells' other owners ran earlier in ``blocks`` (in row-major order the
-    blocks above and to the left come first) is finished on the spot, its core written once; the
-    others wait for :func:`finish_blocks`.
+    blocks above and to the left come first) is finished on the spot, its core written once, from
+    sums kept in memory; the others wait for :func:`finish_blocks`, and the sums they need go to the
+    store.
 
     The model never waits for I/O: while block ``i`` is normalised, predicted and blended on this
     thread (on the predictor's device, its bands copied there in the scene's data type), a reader
@@ -103,27 +104,28 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
     predictor = worker_predictor(job)
     ids = predictor.contract.classes.ids
     writing: Future | None = None
-    ran: set[tuple[int, int]] = set()
+    here = finished_here(blocks)
+    kept: dict[tuple[tuple[int, int], Box], Sums] = {}  # sums over the cells of blocks finished here
 
-    def finish_write(block: Block | None) -> None:
+    def finish_write() -> None:
         if writing is not None:
             writing.result()
-            ran.add(block.key)
             release_freed_memory()
             if on_block:
                 on_block()
 
     def write(block: Block, sums: Sums | None, valid: np.ndarray | None) -> None:
-        now = all(o in ran or o == block.key for c in block.shared for o in c.owners)
         for cell in block.sends:
-            if not (now and cell in block.shared):  # a cell finished here needs no stored sums
+            if cell.target in here:
+                kept[block.key, cell.box] = sums.crop(cell.box).clone()
+            else:
                 write_partial(job.store, block.key, sums.crop(cell.box))
         result = core_result(block, sums, valid, ids, keep_probabilities=job.probabilities)
+        now = block.key in here
         if now:
-            finish_shared(job, block, result, ids, own=sums)
+            finish_shared(job, block, result, ids, kept=kept)
         write_block(job.store, block, result, done=now)
 
-    previous: Block | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="geoseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="geoseg-write") as writer:
         ahead = reader.submit(read_box, job, blocks[0].read) if blocks else None
@@ -135,9 +137,9 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
                 data, valid = read
                 sums = tile_sums(job, predictor, block.tiles, block.read, data, valid)
                 del data
-            finish_write(previous)
-            writing, previous = writer.submit(write, block, sums, valid), block
-        finish_write(previous)
+            finish_write()
+            writing = writer.submit(write, block, sums, valid)
+        finish_write()
     return sum(len(b.tiles) for b in blocks)
 
 
@@ -176,12 +178,27 @@ def resend_partials(job: BlockJob, requests: Sequence[tuple[Block, tuple[Box, ..
     return ran
 
 
+def finished_here(blocks: Sequence[Block]) -> set[tuple[int, int]]:
+    """The blocks of ``blocks`` that can be finished as they come: the other owners of their shared cells come first."""
+    seen: set[tuple[int, int]] = set()
+    here = set()
+    for block in blocks:
+        seen.add(block.key)
+        if all(owner in seen for cell in block.shared for owner in cell.owners):
+            here.add(block.key)
+    return here
+
+
 def finish_shared(job: BlockJob, block: Block, result: BlockResult, class_ids: Sequence[int], *,
-                  own: Sums | None = None) -> None:
-    """Put the block's finished shared cells into ``result``: every owner's sums added (``own``: this block's)."""
+                  kept: dict[tuple[tuple[int, int], Box], Sums] | None = None) -> None:
+    """Put the block's finished shared cells into ``result``: every owner's sums added.
+
+    Sums come from ``kept`` (and are taken out of it) or else from the store.
+    """
+    kept = {} if kept is None else kept
     for cell in block.shared:
-        parts = [own.crop(cell.box) if owner == block.key and own is not None
-                 else read_partial(job.store, owner, cell.box) for owner in cell.owners]
+        parts = [kept.pop((owner, cell.box), None) or read_partial(job.store, owner, cell.box)
+                 for owner in cell.owners]
         _, valid = read_box(job, cell.box)
         place(result, block.core, cell.box, finish(sum(parts[1:], parts[0]), valid, class_ids,
                                                    keep_probabilities=job.probabilities))
