@@ -29,6 +29,7 @@ their borders at tile origins: the shared cells are then bands ``2*margin`` wide
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -200,12 +201,7 @@ class Block:
     @property
     def read(self) -> Box | None:
         """The union of the block's tiles, read once (None for a block that owns no tile)."""
-        if not self.tiles:
-            return None
-        box = self.tiles[0]
-        for t in self.tiles[1:]:
-            box = box.union(t)
-        return box
+        return bounding_box(self.tiles) if self.tiles else None
 
     @property
     def shared(self) -> tuple[Cell, ...]:
@@ -241,7 +237,7 @@ def plan_blocks(grid: TileGrid, block_size: int) -> tuple[Block, ...]:
     owned = {k: [] for k in keys}
     for t in grid.tiles_touching(Box(0, 0, grid.height, grid.width)):
         owned[(t.y0 // block_size, t.x0 // block_size)].append(t)
-    extents = {k: _union(ts) for k, ts in owned.items() if ts}
+    extents = {k: bounding_box(ts) for k, ts in owned.items() if ts}
     cells = {k: _cells(k, core, extents) for k, core in zip(keys, cores, strict=True)}
     sends: dict[tuple[int, int], list[Cell]] = {k: [] for k in keys}
     for k in keys:
@@ -254,7 +250,8 @@ def plan_blocks(grid: TileGrid, block_size: int) -> tuple[Block, ...]:
     )
 
 
-def _union(boxes: list[Box]) -> Box:
+def bounding_box(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding all of ``boxes`` (at least one)."""
     box = boxes[0]
     for b in boxes[1:]:
         box = box.union(b)

@@ -30,7 +30,7 @@ from geoseg.predict import Predictor
 from geoseg.raster import gdal_env, read_window
 from geoseg.stitch import BlockResult, Sums, accumulate, core_result, finish, place
 from geoseg.store import read_block, read_partial, write_block, write_partial
-from geoseg.tiling import Block, Box
+from geoseg.tiling import Block, Box, bounding_box
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,7 @@ def resend_partials(job: BlockJob, requests: Sequence[tuple[Block, tuple[Box, ..
     ran = 0
     for block, boxes in requests:
         tiles = tuple(t for t in block.tiles if any(t.intersection(b) for b in boxes))
-        read = tiles[0]
-        for t in tiles[1:]:
-            read = read.union(t)
+        read = bounding_box(tiles)
         data, valid = read_box(job, read)
         sums = tile_sums(job, predictor, tiles, read, data, valid)
         for box in boxes:
