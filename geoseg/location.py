@@ -101,7 +101,9 @@ def split(url: str) -> tuple[ObjectStore, str]:
 
 
 def http_status(err: Exception) -> int | None:
-    """The HTTP status a failed call got, when the store answered (obstore only says it in words)."""
+    """The HTTP status a failed call got, when the server answered (obstore only says it in words)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code
     found = re.search(r"status code: (\d{3})", str(err))
     return int(found.group(1)) if found else None
 
@@ -131,24 +133,13 @@ def head(url: str) -> dict:
     """
     try:
         if urlsplit(url).scheme in ("http", "https"):
-            return _http_head(url)
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as r:
+                return {"size": int(r.headers.get("Content-Length", -1)), "e_tag": r.headers.get("ETag"),
+                        "last_modified": r.headers.get("Last-Modified")}
         store, name = split(url)
         return obstore.head(store, name)
     except STORAGE_ERRORS as err:
         raise storage_error(url, err) from None
-
-
-def _http_head(url: str) -> dict:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as r:
-            return {"size": int(r.headers.get("Content-Length", -1)), "e_tag": r.headers.get("ETag"),
-                    "last_modified": r.headers.get("Last-Modified")}
-    except urllib.error.HTTPError as err:
-        if err.code == 404:
-            raise FileNotFoundError(url) from None
-        if err.code in (401, 403):
-            raise PermissionError(url) from None
-        raise
 
 
 def _download(url: str, out: BinaryIO) -> None:
@@ -188,8 +179,6 @@ def read_bytes(url: str) -> bytes:
     out = io.BytesIO()
     try:
         _download(url, out)
-    except urllib.error.HTTPError as err:
-        raise storage_error(url, FileNotFoundError(url) if err.code == 404 else err) from None
     except STORAGE_ERRORS as err:
         raise storage_error(url, err) from None
     return out.getvalue()
