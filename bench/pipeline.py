@@ -8,8 +8,8 @@ then in the same run:
 * model: the same predictor over the same number of tiles in the same batch sizes, fed from memory
   already on the device (``Predictor.proba``: forward passes, resizing and softmax only).
 
-Prints one row per size: tiles run (a tile touching two blocks' cores runs once per block), lattice
-tiles (each tile once), e2e s, model s, ratio e2e/model (wall) and cpu_ratio (the same sections'
+Prints one row per size: tiles run (each in the one block that owns it), lattice tiles (the grid's
+count: the two agree), e2e s, model s, ratio e2e/model (wall) and cpu_ratio (the same sections'
 process CPU time, all threads: steadier when other jobs share the machine, and an upper bound with one
 worker, since the read/write threads' CPU counts even where it overlaps the model's), in_run (e2e s
 over the seconds the e2e run itself spent in ``Predictor.proba``: what the pipeline adds to its own
