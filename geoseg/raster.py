@@ -18,7 +18,7 @@ import pyproj
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -268,6 +268,40 @@ def _reflect(start: int, stop: int, n: int) -> np.ndarray:
     return np.where(idx >= n, period - idx, idx)
 
 
+def read_valid(
+    src: rasterio.DatasetReader,
+    bands: Sequence[int] | None = None,
+    *,
+    window: Window | None = None,
+    out_shape: tuple[int, int] | None = None,
+    dtype: str | None = "float32",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read bands (of ``window``, decimated to ``out_shape`` nearest) and their (h, w) validity.
+
+    A pixel is valid when every band is valid per GDAL's mask (nodata value, alpha or mask band) and
+    finite (NaN is invalid and read as 0). Integer bands masked by a nodata value only are judged
+    from the values read, so a decimated read of a whole scene passes over the file once; other
+    masks are read from GDAL.
+    """
+    bands = list(bands or range(1, src.count + 1))
+    shape = None if out_shape is None else (len(bands), *out_shape)
+    data = src.read(bands, window=window, out_shape=shape, out_dtype=dtype)
+    if all(src.dtypes[b - 1][0] in "iu" and src.mask_flag_enums[b - 1] in ([MaskFlags.nodata], [MaskFlags.all_valid])
+           for b in bands):
+        valid = np.ones(data.shape[1:], dtype=bool)
+        for values, b in zip(data, bands, strict=True):
+            if src.nodatavals[b - 1] is not None:
+                valid &= values != src.nodatavals[b - 1]
+    else:
+        valid = np.all(src.read_masks(bands, window=window, out_shape=shape) > 0, axis=0)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            valid &= finite.all(axis=0)
+            data[~finite] = 0
+    return data, valid
+
+
 def read_window(
     src: rasterio.DatasetReader,
     box: Box,
@@ -279,8 +313,7 @@ def read_window(
 
     Pixels outside the scene are filled by mirroring the scene about its edges (numpy's ``reflect``
     applied to the whole scene), so the values never depend on which window asked for them; they are
-    marked invalid. A pixel is valid when every band is valid per GDAL's mask (nodata value, alpha or
-    mask band) and finite (NaN counts as invalid; it is read as 0).
+    marked invalid. Validity is :func:`read_valid`'s.
 
     Args:
         src: the open scene.
@@ -299,13 +332,7 @@ def read_window(
     cols = _reflect(box.x0, box.x1, src.width)
     r0, c0 = int(rows.min()), int(cols.min())
     window = Window(c0, r0, int(cols.max()) - c0 + 1, int(rows.max()) - r0 + 1)
-    data = src.read(bands, window=window, out_dtype=dtype)
-    valid = np.all(src.read_masks(bands, window=window) > 0, axis=0)
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        if not finite.all():
-            valid &= finite.all(axis=0)
-            data[~finite] = 0
+    data, valid = read_valid(src, bands, window=window, dtype=dtype)
     inside = box.intersection(Box(0, 0, src.height, src.width))
     if (rows.size, cols.size) != (window.height, window.width) or inside != box:
         index = np.ix_(rows - r0, cols - c0)  # one copy of the mirrored window, not one per axis

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import NC_SCENE, random_scene, write_geotiff
+from rasterio.enums import ColorInterp
 from rasterio.transform import Affine
 
 from geoseg.errors import BandMismatchError, GeosegError, InvalidSceneError, SceneNotFoundError
@@ -13,6 +14,7 @@ from geoseg.raster import (
     check_bands,
     gdal_env,
     open_scene,
+    read_valid,
     read_window,
     require_valid_pixels,
     resolve_bands,
@@ -140,6 +142,33 @@ def test_read_window_nan_is_invalid(wgs84_float_nan):
         data, valid = read_window(src, Box(0, 0, 29, 31))
     assert not valid[10:14, 10:15].any() and valid.sum() == 29 * 31 - 20
     assert np.isfinite(data).all()
+
+
+def _scene_with_alpha(tmp_path: Path) -> Path:
+    path = write_geotiff(tmp_path / "alpha.tif", np.concatenate([random_scene((3, 61, 47), "uint8", seed=4),
+                                                                  np.full((1, 61, 47), 255, np.uint8)]))
+    with rasterio.open(path, "r+") as dst:
+        alpha = np.full((61, 47), 255, np.uint8)
+        alpha[20:30, 5:40] = 0
+        dst.write(alpha, 4)
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    return path
+
+
+@pytest.mark.parametrize("kind", ["nodata", "nan", "alpha"])
+@pytest.mark.parametrize("out_shape", [None, (20, 16)])
+def test_read_valid_equals_gdal_masks(kind, out_shape, utm_uint16, wgs84_float_nan, tmp_path):
+    """Validity judged from the values (integer nodata) or read from GDAL equals GDAL's masks, decimated too."""
+    path = {"nodata": utm_uint16, "nan": wgs84_float_nan, "alpha": _scene_with_alpha(tmp_path)}[kind]
+    with rasterio.open(path) as src:
+        bands = list(range(1, 4))
+        data, valid = read_valid(src, bands, out_shape=out_shape)
+        shape = None if out_shape is None else (3, *out_shape)
+        expected = src.read(bands, out_shape=shape, out_dtype="float32")
+        gdal_valid = np.all(src.read_masks(bands, out_shape=shape) > 0, axis=0) & np.isfinite(expected).all(axis=0)
+    np.testing.assert_array_equal(valid, gdal_valid)
+    np.testing.assert_array_equal(data, np.nan_to_num(expected, nan=0.0))
+    assert 0 < valid.sum() < valid.size
 
 
 def test_band_stats_match_numpy_on_small_scene(utm_uint16):

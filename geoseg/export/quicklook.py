@@ -17,7 +17,7 @@ import rasterio
 from rasterio.enums import Resampling
 
 from geoseg.config import ClassSchema
-from geoseg.raster import gdal_env
+from geoseg.raster import gdal_env, read_valid
 
 #: Longest side of each quick-look panel, in pixels.
 QUICKLOOK_SIDE = 480
@@ -68,14 +68,13 @@ def quicklook_png(scene: str | Path, class_map: str | Path, classes: ClassSchema
         shape = (int(np.ceil(cm.height / step)), int(np.ceil(cm.width / step)))
         ids = cm.read(1, out_shape=shape, resampling=Resampling.nearest)
     with gdal_env(), rasterio.open(scene) as src:
-        data = src.read(out_shape=(src.count, *shape), out_dtype="float32", resampling=Resampling.nearest)
-        valid = np.all(src.read_masks(out_shape=(src.count, *shape)) > 0, axis=0) & np.isfinite(data).all(axis=0)
+        data, valid = read_valid(src, out_shape=shape)
         names = tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions))
     colours = np.array([c.rgb for c in classes.classes], np.float64) / 255
     channel = np.full(256, len(colours), np.int64)  # class id -> channel; other ids stay unknown
     channel[list(classes.ids)] = np.arange(len(colours))
     mapped = channel[ids]
-    panels = [(f"input ({Path(scene).name})", _with_alpha(rgb_composite(np.nan_to_num(data), valid, names), valid)),
+    panels = [(f"input ({Path(scene).name})", _with_alpha(rgb_composite(data, valid, names), valid)),
               ("class map", _with_alpha(colourise(mapped, colours), mapped < len(colours)))]
     aspect = shape[0] / shape[1]
     fig = Figure(figsize=(9, 4.3 * aspect + 0.9), dpi=100)

@@ -31,7 +31,7 @@ from geoseg.checkpoint import load_checkpoint
 from geoseg.config import ClassSchema, PredictConfig
 from geoseg.errors import DatasetError
 from geoseg.pipeline import predict_raster
-from geoseg.raster import gdal_env
+from geoseg.raster import gdal_env, read_valid
 from geoseg.train.labels import encode_labels, read_labels
 from geoseg.train.metrics import SegmentationMetrics
 
@@ -148,8 +148,7 @@ def comparison_png(scene: str | Path, class_map: str | Path, pred: np.ndarray, t
     sl = (slice(None, None, step), slice(None, None, step))
     shape = pred[sl].shape
     with gdal_env(), rasterio.open(scene) as src:  # read decimated: memory follows the picture, not the scene
-        data = src.read(out_shape=(src.count, *shape), out_dtype="float32")
-        valid = np.all(src.read_masks(out_shape=(src.count, *shape)) > 0, axis=0) & np.isfinite(data).all(axis=0)
+        data, valid = read_valid(src, out_shape=shape)
         names = tuple(d or f"band_{i + 1}" for i, d in enumerate(src.descriptions))
     colours = np.array([c.rgb for c in schema.classes], np.float64) / 255
     ignore = schema.ignore_index
@@ -158,7 +157,7 @@ def comparison_png(scene: str | Path, class_map: str | Path, pred: np.ndarray, t
     scored = t != ignore
     errors[scored & (p == t)] = (0.2, 0.7, 0.2)
     errors[scored & (p != t)] = (0.85, 0.1, 0.1)
-    panels = [("image", rgb_composite(np.nan_to_num(data), valid, names)),
+    panels = [("image", rgb_composite(data, valid, names)),
               (f"map ({Path(class_map).name})", colourise(p, colours)), ("labels", colourise(t, colours)),
               ("errors", errors)]
     fig = Figure(figsize=(12, 3.8), dpi=100)
