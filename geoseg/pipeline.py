@@ -341,19 +341,16 @@ def _fan_out(client: Client, fn: Callable[..., int], groups: Sequence[tuple], jo
 
 
 def finalise(plan: RunPlan, *, overwrite: bool = False) -> dict[str, str]:
-    """Write the class and confidence COGs from the store, then the quick-look PNG.
+    """Write the class and confidence COGs from the store, and the quick-look PNG.
 
-    The COGs are written side by side (GDAL releases the GIL); the quick-look reads the class map's
-    overviews.
+    The confidence COG is written in a second thread (GDAL releases the GIL) while this one writes
+    the class map and then the quick-look, which reads the class map's overviews.
     """
-    with ThreadPoolExecutor(2, thread_name_prefix="geoseg-cog") as pool:
-        cogs = [
-            pool.submit(write_class_cog, plan.store, plan.class_map, plan.contract.classes, overwrite=overwrite),
-            pool.submit(write_confidence_cog, plan.store, plan.confidence_map, overwrite=overwrite),
-        ]
-        for cog in cogs:
-            cog.result()
-    write_bytes(plan.quicklook, quicklook_png(plan.scene.opens, plan.class_map, plan.contract.classes))
+    with ThreadPoolExecutor(1, thread_name_prefix="geoseg-cog") as pool:
+        confidence = pool.submit(write_confidence_cog, plan.store, plan.confidence_map, overwrite=overwrite)
+        write_class_cog(plan.store, plan.class_map, plan.contract.classes, overwrite=overwrite)
+        write_bytes(plan.quicklook, quicklook_png(plan.scene.opens, plan.class_map, plan.contract.classes))
+        confidence.result()
     return {"class_map": str(plan.class_map), "class_style": str(style_path(plan.class_map)),
             "confidence": str(plan.confidence_map), "quicklook": str(plan.quicklook), "store": str(plan.store)}
 
