@@ -57,7 +57,7 @@ def test_demo_command_is_short_and_has_no_traceback(tmp_path):
                               text=True, timeout=600)
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output
-    assert "Traceback" not in output and "ERROR" not in output
+    assert "Traceback" not in output and "ERROR" not in output, output
     lines = output.strip().splitlines()
     assert len(lines) <= 25, output
     for stage in ("plan", "blocks", "finalise", "areas", "vectorise"):
