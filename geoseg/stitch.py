@@ -127,15 +127,18 @@ def accumulate(
         image = image.to(device)
         weights = torch.from_numpy(blend_window(tile, margin).copy()).to(device)
         fixed_weights = _fixed(weights)
+        scaled = weights * FIXED_POINT  # p * (w * 2**40) == (p * w) * 2**40 exactly: a power of two
         acc: torch.Tensor | None = None
         weight = torch.zeros(read.shape, dtype=torch.int64, device=device)
         for batch in _batches(tiles, batch_size):
             prob = proba(torch.stack([image[(slice(None), *t.relative_to(read))] for t in batch]))
             if acc is None:
                 acc = torch.zeros((prob.shape[1], *read.shape), dtype=torch.int64, device=device)
+                product = torch.empty(prob.shape[1:], dtype=torch.float32, device=device)
+                fixed = torch.empty(prob.shape[1:], dtype=torch.int64, device=device)
             for t, p in zip(batch, prob, strict=True):
                 ys, xs = t.relative_to(read)
-                acc[:, ys, xs].add_(_fixed(p * weights))
+                acc[:, ys, xs].add_(fixed.copy_(torch.mul(p, scaled, out=product).round_()))
                 weight[ys, xs].add_(fixed_weights)
         assert acc is not None, "accumulate needs at least one tile"
         return Sums(read, acc, weight)
