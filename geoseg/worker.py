@@ -75,12 +75,18 @@ def worker_predictor(job: BlockJob) -> Predictor:
     return Predictor(model, contract, scales=job.scales, flip=job.flip, device=job.device, batch_size=job.batch_size)
 
 
-def read_box(job: BlockJob, box: Box | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """A box of the scene in its data type: (C, h, w) bands and the (h, w) validity mask (None for no box)."""
+def read_box(job: BlockJob, box: Box | None) -> tuple[torch.Tensor, np.ndarray] | None:
+    """A box of the scene in its data type: (C, h, w) bands and the (h, w) validity mask (None for no box).
+
+    For a CUDA job the bands are copied into pinned host memory here, in the reader thread, so the
+    model's thread hands them to the GPU in one asynchronous copy.
+    """
     if box is None:
         return None
     with gdal_env(), rasterio.open(job.scene) as src:
-        return read_window(src, box, bands=job.bands, dtype=None)
+        data, valid = read_window(src, box, bands=job.bands, dtype=None)
+    bands = torch.from_numpy(data)
+    return (bands.pin_memory() if job.device == "cuda" else bands), valid
 
 
 def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable[[], None] | None = None) -> int:
@@ -143,11 +149,11 @@ def process_blocks(job: BlockJob, blocks: Sequence[Block], *, on_block: Callable
     return sum(len(b.tiles) for b in blocks)
 
 
-def tile_sums(job: BlockJob, predictor: Predictor, tiles: Sequence[Box], read: Box, data: np.ndarray,
+def tile_sums(job: BlockJob, predictor: Predictor, tiles: Sequence[Box], read: Box, data: torch.Tensor,
               valid: np.ndarray) -> Sums:
     """Normalise ``data`` (the scene over ``read``, native dtype) on the device, run ``tiles``, sum them."""
     with torch_threads(job.torch_threads):
-        bands = torch.from_numpy(data).to(predictor.device)
+        bands = data.to(predictor.device, non_blocking=True)
         image = predictor.contract.normalise(bands, torch.from_numpy(valid), inplace=True)
         del bands
         return accumulate(tiles, image, read, predictor.proba, margin=job.margin, batch_size=job.batch_size,
