@@ -186,7 +186,10 @@ class Predictor:
         """Softmax probabilities of ``(N, C, H, W)`` float32 tiles, as ``(N, K, H, W)`` float32 on the device.
 
         The tensor form of :meth:`predict_proba` for callers that keep data on the device (blending):
-        no checks, no copy back to the host.
+        no checks, no copy back to the host. A tile gets the same probabilities in any batch of two or
+        more (oneDNN runs a batch of one through other kernels), so a last batch of one tile runs as
+        two, unless ``batch_size`` is 1: blocks batch their own tiles, and a blocked run must equal a
+        whole-scene one.
         """
         n, _, h, w = tiles.shape
         self.model.eval()
@@ -194,7 +197,12 @@ class Predictor:
         with guard, torch.inference_mode():
             out = torch.empty((n, self.contract.num_classes, h, w), dtype=torch.float32, device=self.device)
             for i in range(0, n, self.batch_size):
-                out[i : i + self.batch_size] = self._batch(tiles[i : i + self.batch_size].to(self.device))
+                batch = tiles[i : i + self.batch_size].to(self.device)
+                if len(batch) == 1 < self.batch_size:
+                    # alone, a tile takes other kernels (other last bits) than beside others: give it company
+                    out[i] = self._batch(batch.expand(2, *batch.shape[1:]))[0]
+                else:
+                    out[i : i + self.batch_size] = self._batch(batch)
         return out
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,15 @@ def test_blocked_equals_whole_scene(tiny_checkpoint, whole_scene, block_size):
     np.testing.assert_array_equal(conf, ref_conf)  # to the bit: the fixed-point sums do not depend on the blocking
 
 
+def test_blocked_equals_whole_scene_with_the_demo_model():
+    """The shipped DeepLabV3 too: 96 px blocks own 9 tiles, so batches of 4 leave a tile alone each block."""
+    grid = TileGrid(443, 489, 64, 16)
+    whole = stitch_scene(DEMO_MODEL, grid, 4096)
+    blocked = stitch_scene(DEMO_MODEL, grid, align_block_size(100, grid))
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_array_equal(blocked[1], whole[1])
+
+
 def test_nodata_pixels_get_nodata_class(whole_scene):
     _, (cls, conf) = whole_scene
     with rasterio.open(NC_SCENE) as src:
