@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
+from rasterio.enums import ColorInterp
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -94,6 +95,27 @@ def rgb_uint8(tmp_path):
     return write_geotiff(
         tmp_path / "rgb.tif", random_scene((3, 40, 33), "uint8", seed=3), band_names=["red", "green", "blue"]
     )
+
+
+def scene_with_alpha(tmp_path: Path) -> Path:
+    """A 4-band uint8 RGBA scene, 70x90, whose alpha band masks rows 10-29, columns 20-49."""
+    path = write_geotiff(tmp_path / "rgba.tif", random_scene((4, 70, 90), "uint8", seed=4))
+    with rasterio.open(path, "r+") as dst:
+        alpha = np.full((70, 90), 255, np.uint8)
+        alpha[10:30, 20:50] = 0
+        dst.write(alpha, 4)
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    return path
+
+
+def scene_with_mask(tmp_path: Path) -> Path:
+    """A 3-band uint16 scene, 70x90, whose internal GDAL mask hides rows 40 on, columns 0-24."""
+    path = write_geotiff(tmp_path / "masked.tif", random_scene((3, 70, 90), "uint16", seed=6))
+    mask = np.full((70, 90), 255, np.uint8)
+    mask[40:, :25] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+        dst.write_mask(mask)
+    return path
 
 
 def make_tiny_checkpoint(path: Path, scene: Path, *, tile: int = 64, seed: int = 0,

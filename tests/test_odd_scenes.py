@@ -9,7 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-from conftest import make_tiny_checkpoint, random_scene, write_geotiff
+from conftest import make_tiny_checkpoint, random_scene, scene_with_alpha, scene_with_mask, write_geotiff
 from processes import cli, run
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
@@ -27,25 +27,6 @@ def scene(tmp_path, name, shape, dtype, *, invalid=None, fill=None, **kw):
     if invalid is not None:
         data[(slice(None), *invalid)] = fill
     return write_geotiff(tmp_path / f"{name}.tif", data, **kw)
-
-
-def with_alpha(tmp_path):
-    path = scene(tmp_path, "rgba", (4, 70, 90), "uint8")
-    with rasterio.open(path, "r+") as dst:
-        alpha = np.full((70, 90), 255, np.uint8)
-        alpha[10:30, 20:50] = 0
-        dst.write(alpha, 4)
-        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
-    return path
-
-
-def with_mask(tmp_path):
-    path = scene(tmp_path, "masked", (3, 70, 90), "uint16")
-    mask = np.full((70, 90), 255, np.uint8)
-    mask[40:, :25] = 0
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
-        dst.write_mask(mask)
-    return path
 
 
 HOLE = (slice(5, 20), slice(8, 30))
@@ -66,8 +47,8 @@ SCENES = {
                                              nodata=-9999),
     "float32_min_nodata": lambda p: scene(p, "f32min", (4, 70, 90), "float32", invalid=HOLE, fill=F32_MIN,
                                           nodata=F32_MIN),
-    "alpha_band": with_alpha,
-    "gdal_mask": with_mask,
+    "alpha_band": scene_with_alpha,
+    "gdal_mask": scene_with_mask,
 }
 
 

@@ -4,8 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import NC_SCENE, random_scene, write_geotiff
-from rasterio.enums import ColorInterp
+from conftest import NC_SCENE, random_scene, scene_with_alpha, scene_with_mask, write_geotiff
 from rasterio.transform import Affine
 
 from geoseg.errors import BandMismatchError, GeosegError, InvalidSceneError, SceneNotFoundError
@@ -144,22 +143,13 @@ def test_read_window_nan_is_invalid(wgs84_float_nan):
     assert np.isfinite(data).all()
 
 
-def _scene_with_alpha(tmp_path: Path) -> Path:
-    path = write_geotiff(tmp_path / "alpha.tif", np.concatenate([random_scene((3, 61, 47), "uint8", seed=4),
-                                                                  np.full((1, 61, 47), 255, np.uint8)]))
-    with rasterio.open(path, "r+") as dst:
-        alpha = np.full((61, 47), 255, np.uint8)
-        alpha[20:30, 5:40] = 0
-        dst.write(alpha, 4)
-        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
-    return path
-
-
-@pytest.mark.parametrize("kind", ["nodata", "nan", "alpha"])
+@pytest.mark.parametrize("kind", ["nodata", "nan", "alpha", "mask"])
 @pytest.mark.parametrize("out_shape", [None, (20, 16)])
 def test_read_valid_equals_gdal_masks(kind, out_shape, utm_uint16, wgs84_float_nan, tmp_path):
     """Validity judged from the values (integer nodata) or read from GDAL equals GDAL's masks, decimated too."""
-    path = {"nodata": utm_uint16, "nan": wgs84_float_nan, "alpha": _scene_with_alpha(tmp_path)}[kind]
+    scenes = {"nodata": lambda: utm_uint16, "nan": lambda: wgs84_float_nan,
+              "alpha": lambda: scene_with_alpha(tmp_path), "mask": lambda: scene_with_mask(tmp_path)}
+    path = scenes[kind]()
     with rasterio.open(path) as src:
         bands = list(range(1, 4))
         data, valid = read_valid(src, bands, out_shape=out_shape)
