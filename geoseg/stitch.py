@@ -91,10 +91,6 @@ class Sums:
         return Sums(self.box, self.acc + other.acc.to(self.acc.device), self.weight + other.weight.to(self.acc.device))
 
 
-def _fixed(values: torch.Tensor) -> torch.Tensor:
-    return torch.round(values * FIXED_POINT).to(torch.int64)
-
-
 def _batches(tiles: Sequence[Box], batch_size: int) -> Iterator[Sequence[Box]]:
     for i in range(0, len(tiles), batch_size):
         yield tiles[i : i + batch_size]
@@ -126,8 +122,8 @@ def accumulate(
     with torch.inference_mode():
         image = image.to(device)
         weights = torch.from_numpy(blend_window(tile, margin).copy()).to(device)
-        fixed_weights = _fixed(weights)
         scaled = weights * FIXED_POINT  # p * (w * 2**40) == (p * w) * 2**40 exactly: a power of two
+        fixed_weights = scaled.round().to(torch.int64)
         acc: torch.Tensor | None = None
         weight = torch.zeros(read.shape, dtype=torch.int64, device=device)
         for batch in _batches(tiles, batch_size):
@@ -208,6 +204,13 @@ def place(result: BlockResult, core: Box, box: Box, part: BlockResult) -> None:
         result.probabilities[:, ys, xs] = part.probabilities
 
 
+def finish_cell(result: BlockResult, core: Box, parts: Sequence[Sums], valid: np.ndarray, class_ids: Sequence[int],
+                *, keep_probabilities: bool = False) -> None:
+    """Finish a shared cell from every owner's partial sums over it and put it into ``result`` (over ``core``)."""
+    total = sum(parts[1:], parts[0])
+    place(result, core, total.box, finish(total, valid, class_ids, keep_probabilities=keep_probabilities))
+
+
 def stitch_blocks(
     blocks: Sequence[Block],
     read: Callable[[Box], tuple[torch.Tensor, np.ndarray]],
@@ -242,10 +245,8 @@ def stitch_blocks(
         block = by_key[key]
         result = results.get(key) or core_result(block, None, None, class_ids)
         for cell in block.shared:
-            total = partials[cell.owners[0], cell.box]
-            for owner in cell.owners[1:]:
-                total = total + partials[owner, cell.box]
-            place(result, block.core, cell.box, finish(total, read(cell.box)[1], class_ids))
+            finish_cell(result, block.core, [partials[owner, cell.box] for owner in cell.owners], read(cell.box)[1],
+                        class_ids)
         results[key] = result
     return results
 

@@ -28,7 +28,7 @@ from geoseg.checkpoint import load_checkpoint
 from geoseg.heap import one_arena, release_freed_memory
 from geoseg.predict import Predictor
 from geoseg.raster import gdal_env, read_window
-from geoseg.stitch import BlockResult, Sums, accumulate, core_result, finish, place
+from geoseg.stitch import BlockResult, Sums, accumulate, core_result, finish_cell
 from geoseg.store import read_block, read_partial, write_block, write_partial
 from geoseg.tiling import Block, Box, bounding_box
 
@@ -200,12 +200,12 @@ def finish_shared(job: BlockJob, block: Block, result: BlockResult, class_ids: S
     Sums come from ``kept`` (and are taken out of it) or else from the store.
     """
     kept = {} if kept is None else kept
-    for cell in block.shared:
-        parts = [kept.pop((owner, cell.box), None) or read_partial(job.store, owner, cell.box)
-                 for owner in cell.owners]
-        _, valid = read_box(job, cell.box)
-        place(result, block.core, cell.box, finish(sum(parts[1:], parts[0]), valid, class_ids,
-                                                   keep_probabilities=job.probabilities))
+    with gdal_env(), rasterio.open(job.scene) as src:
+        for cell in block.shared:
+            parts = [kept.pop((owner, cell.box), None) or read_partial(job.store, owner, cell.box)
+                     for owner in cell.owners]
+            _, valid = read_window(src, cell.box, bands=job.bands, dtype=None)
+            finish_cell(result, block.core, parts, valid, class_ids, keep_probabilities=job.probabilities)
 
 
 def finish_blocks(job: BlockJob, blocks: Sequence[Block], class_ids: Sequence[int]) -> int:
