@@ -17,6 +17,7 @@ from geoseg.config import load_config
 from geoseg.predict import Predictor
 from geoseg.train import load_training_data, make_data_split
 from geoseg.train.loop import image_contracts, score
+from geoseg.worker import torch_threads
 
 MODELS = DATA / "models"
 #: name: (train config, bands, classes)
@@ -46,24 +47,24 @@ def test_shipped_model_gives_a_tile_the_same_probabilities_in_any_batch(name):
     model, contract = load_checkpoint(MODELS / f"{name}.pt")
     torch.manual_seed(0)
     tiles = torch.randn(5, contract.in_channels, contract.tile_size, contract.tile_size)
-    torch.set_num_threads(2)
-    together = Predictor(model, contract, device="cpu", batch_size=5).predict_proba(tiles.numpy())
-    for batch in (2, 3, 4):
-        alone = Predictor(model, contract, device="cpu", batch_size=batch).predict_proba(tiles.numpy())
-        np.testing.assert_array_equal(alone, together)
+    with torch_threads(2):
+        together = Predictor(model, contract, device="cpu", batch_size=5).predict_proba(tiles.numpy())
+        for batch in (2, 3, 4):
+            alone = Predictor(model, contract, device="cpu", batch_size=batch).predict_proba(tiles.numpy())
+            np.testing.assert_array_equal(alone, together)
 
 
 @pytest.mark.slow
 def test_zion_model_beats_its_floor_on_its_test_part():
     """Recomputed: the model's test score, whole scene through the predict path, against the floor."""
-    torch.set_num_threads(2)
     config_path, _, _ = SHIPPED["zion_nlcd_unet_resnet18"]
     config = load_config(config_path)
     report = json.loads((MODELS / "zion_nlcd_unet_resnet18.metrics.json").read_text())
     data = load_training_data(config)
     split = make_data_split(config, data)
     model, contract = load_checkpoint(MODELS / "zion_nlcd_unet_resnet18.pt")
-    test = score(model, image_contracts(contract, data), data, split, "test", torch.device("cpu"), 8)
+    with torch_threads(2):
+        test = score(model, image_contracts(contract, data), data, split, "test", torch.device("cpu"), 8)
     floor = report["baseline"]["test"]
     # the recorded score is the fp32 best.pt's at training time: fp16 weights and today's tile lattice
     # move it a little (0.303 -> 0.299 when the lattice moved to the scene's corner)
