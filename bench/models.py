@@ -6,8 +6,12 @@
 Prints one row per arch/backbone and tile: ms per tile (forward only), megapixels per second, and,
 on the rows of the TTA tile size, the cost factor of scales (0.5, 0.75, 1, 1.25, 1.5, 1.75) + flip
 measured as time(TTA predictor) / time(plain predictor), next to the nominal ``Predictor.cost_factor``.
-On CUDA the forward runs under bf16 autocast with channels-last tensors and is timed with
+The forward runs on channels-last tensors as ``geoseg.predict.Predictor`` runs it (``--layout
+contiguous``: torch's default layout, to compare); on CUDA under bf16 autocast, timed with
 ``torch.cuda.synchronize``.
+
+    python bench/models.py --archs deeplabv3/resnet50 --output-stride 8 --tiles 512 --batch 4 --no-tta \\
+        --layout contiguous
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from geoseg.models import build_model
 from geoseg.predict import Predictor, resolve_device
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 DEFAULT_ARCHS = [
     "deeplabv3/resnet50", "deeplabv3/resnet101", "deeplabv3/mobilenet_v3_large",
     "fcn/resnet50", "fcn/resnet101", "unet/resnet34", "tiny/none",
@@ -54,12 +59,12 @@ def parse_arch(text: str) -> tuple[str, str]:
     return arch, backbone
 
 
-def contract(arch: str, backbone: str, bands: int, classes: int, tile: int) -> ModelContract:
+def contract(arch: str, backbone: str, bands: int, classes: int, tile: int, output_stride: int) -> ModelContract:
     colours = [f"#{(37 * i) % 256:02x}{(91 * i) % 256:02x}{(53 * i) % 256:02x}" for i in range(classes)]
     schema = ClassSchema(name="bench", classes=[
         {"id": i, "name": f"class{i}", "color": c} for i, c in enumerate(colours)
     ])
-    return ModelContract(arch=arch, backbone=backbone, output_stride=16, tile_size=tile,
+    return ModelContract(arch=arch, backbone=backbone, output_stride=output_stride, tile_size=tile,
                          band_names=[f"b{i}" for i in range(bands)], mean=[0.0] * bands, std=[1.0] * bands,
                          classes=schema)
 
@@ -78,9 +83,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return min(times)
 
 
-def forward_fn(model: torch.nn.Module, x: torch.Tensor, device: torch.device):
-    model = model.to(memory_format=torch.channels_last)  # as geoseg.predict.Predictor runs it
-    x = x.contiguous(memory_format=torch.channels_last)
+def forward_fn(model: torch.nn.Module, x: torch.Tensor, device: torch.device, layout: torch.memory_format):
+    model = model.to(memory_format=layout)
+    x = x.contiguous(memory_format=layout)
 
     def run() -> None:
         cuda = device.type == "cuda"
@@ -101,6 +106,10 @@ def main() -> None:
     ap.add_argument("--bands", type=int, default=3)
     ap.add_argument("--classes", type=int, default=8)
     ap.add_argument("--tta-tile", type=int, default=None, help="tile for the TTA cost (default: smallest)")
+    ap.add_argument("--output-stride", type=int, default=16, help="8 or 16 (U-Net: 8, 16 or 32)")
+    ap.add_argument("--no-tta", action="store_true", help="forwards only, no TTA cost")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="channels_last",
+                    help="memory layout of the forwards (geoseg's predictor runs channels_last)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, batch 1, warm-up at the smallest tile")
     args = ap.parse_args()
     if args.quick:
@@ -111,10 +120,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"# geoseg bench/models.py  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# device: {device} ({name}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"channels_last, {'bf16 autocast' if device.type == 'cuda' else 'float32'}; "
+          f"{args.layout}, {'bf16 autocast' if device.type == 'cuda' else 'float32'}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"# batch {args.batch}, best of {args.repeats}, {args.bands} bands, "
-          f"{args.classes} classes, output stride 16; TTA = scales {TTA_SCALES} + flip at tile {tta_tile}")
+          f"{args.classes} classes, output stride {args.output_stride}"
+          + ("" if args.no_tta else f"; TTA = scales {TTA_SCALES} + flip at tile {tta_tile}"))
     header = f"{'arch/backbone':<30} {'tile':>5} {'ms/tile':>9} {'MP/s':>7} {'TTA cost':>9} {'nominal':>8}"
     print(header)
     print("-" * len(header))
@@ -122,18 +132,18 @@ def main() -> None:
     for spec in args.archs:
         arch, backbone = parse_arch(spec)
         torch.manual_seed(0)
-        model = build_model(arch, backbone, args.bands, args.classes).to(device).eval()
+        model = build_model(arch, backbone, args.bands, args.classes, args.output_stride).to(device).eval()
         for i, tile in enumerate(tiles):
             x = torch.randn(args.batch, args.bands, tile, tile, device=device)
-            run = forward_fn(model, x, device)
+            run = forward_fn(model, x, device, LAYOUTS[args.layout])
             if not args.quick or i == 0:
                 run()  # warm-up
             sec = timed(run, device, args.repeats)
             ms = 1000 * sec / args.batch
             mps = args.batch * tile * tile / sec / 1e6
             tta = nominal = ""
-            if tile == tta_tile:
-                c = contract(arch, backbone, args.bands, args.classes, tile)
+            if tile == tta_tile and not args.no_tta:
+                c = contract(arch, backbone, args.bands, args.classes, tile, args.output_stride)
                 shape = (args.batch, args.bands, tile, tile)
                 data = np.random.default_rng(0).standard_normal(shape, np.float32)
                 plain = Predictor(model, c, device=device, batch_size=args.batch)
