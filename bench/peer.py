@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.skip_peer or args.peer_python):
         parser.error("--peer-python is required unless --skip-peer")
+    if not args.skip_peer and not has_geoai(args.peer_python):
+        parser.error(f"{args.peer_python} cannot import geoai: make its venv as this script's docstring says")
 
     from geoseg.checkpoint import load_checkpoint
 
@@ -163,6 +166,14 @@ def main() -> None:
                   f"{m.peak_rss_mb:11.0f} {m.peak_pss_mb:11.0f} {tiles:6d}", flush=True)
     print(json.dumps({"network": args.network, "window": args.window, "margin": margin, "batch": args.batch,
                       "block_size": args.block_size, "threads": args.threads, "device": args.device}))
+
+
+def has_geoai(python: Path) -> bool:
+    """Whether ``python`` runs and imports geoai (checked before any run, not after geoseg's)."""
+    try:
+        return subprocess.run([str(python), "-c", "import geoai"], capture_output=True).returncode == 0
+    except OSError:
+        return False
 
 
 def overlap_of(name: str, margin: int) -> int:
